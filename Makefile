@@ -1,0 +1,40 @@
+# Two commands a newcomer needs: `make demo` (the whole pipeline on the embedded default) and
+# `make test`. Both install what they need into .venv/ first (once; again when the pins change).
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test test-fast demo bench lint format docs clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup  ## unit and smoke tiers only
+	$(PY) -m pytest -q -m "not system and not slurm"
+
+demo: setup
+	bash launch/demo.sh
+
+bench: setup
+	$(PY) -m bench.prep
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf runs data samples .pytest_cache .ruff_cache

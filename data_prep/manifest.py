@@ -1,0 +1,95 @@
+"""manifest.json: the contract between data_prep and the trainer. The trainer reads only this file.
+
+A manifest lists, per split, every shard with its sample count, size and sha256, so a reader can
+check the data before training and knows every epoch's length without opening a tar.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plumbing.errors import UserError
+from plumbing.files import read_json, sha256_file
+
+MANIFEST = "manifest.json"
+PARTIAL = ".manifest.partial.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    name: str
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SplitRecord:
+    shards: list[ShardRecord]
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_samples": self.num_samples,
+            "num_shards": len(self.shards),
+            "shards": [asdict(s) for s in self.shards],
+            "rejected": self.rejected,
+        }
+
+
+@dataclass
+class Manifest:
+    """The parsed manifest; `root` is the folder that holds it (shards live in root/<split>/)."""
+
+    root: Path
+    dataset: str
+    fingerprint: str
+    splits: dict[str, SplitRecord]
+    classes: list[str]
+    raw: dict[str, Any]
+
+    def shard_path(self, split: str, shard: ShardRecord) -> Path:
+        return self.root / split / shard.name
+
+    def split(self, name: str) -> SplitRecord:
+        if name not in self.splits:
+            raise UserError(f"{self.root / MANIFEST}: no split {name!r} (it has {', '.join(self.splits)})")
+        return self.splits[name]
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Parse `path` (the manifest file or its folder); a malformed one is a one-line error."""
+    file = path / MANIFEST if path.is_dir() else path
+    raw = read_json(file)
+    try:
+        splits = {
+            name: SplitRecord([ShardRecord(**s) for s in split["shards"]], list(split.get("rejected", [])))
+            for name, split in raw["splits"].items()
+        }
+        return Manifest(
+            file.parent, raw["dataset"], raw["fingerprint"], splits, list(raw.get("classes", [])), raw
+        )
+    except (KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{file}: not a data_prep manifest (bad or missing key {err})") from None
+
+
+def verify_shards(manifest: Manifest, split: str, checksum: bool = True) -> None:
+    """Every shard of `split` exists with its recorded size (and sha256): else one line naming it."""
+    for shard in manifest.split(split).shards:
+        path = manifest.shard_path(split, shard)
+        if not path.is_file():
+            raise UserError(f"shard {path} is named in {manifest.root / MANIFEST} but missing")
+        size = path.stat().st_size
+        if size != shard.bytes:
+            raise UserError(
+                f"shard {path} has {size} bytes, the manifest says {shard.bytes} (truncated or replaced?)"
+            )
+        if checksum and sha256_file(path) != shard.sha256:
+            raise UserError(f"shard {path}: sha256 does not match the manifest (corrupted or replaced?)")

@@ -1,0 +1,240 @@
+"""One typed config per job: dataclasses whose YAML form is merged and checked by OmegaConf.
+
+A config file is only the stored form of a dataclass. `load_config` merges, in order, the dataclass
+defaults, a YAML file and `key.sub=value` overrides, and turns every mistake into one line that names
+the key and where it came from. Each field carries a docstring (a string literal under it), which
+`field_docs` reads to generate the reference in docs/CONFIG.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import enum
+import inspect
+import textwrap
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from plumbing.errors import UserError
+from plumbing.files import atomic_write_text
+
+T = TypeVar("T")
+
+
+class ConfigError(UserError):
+    """A config that cannot be used; the message names the file or override and the key."""
+
+
+class FieldError(ValueError):
+    """Raised by a config's `__post_init__`: `field` of `owner` holds a value it cannot use."""
+
+    def __init__(self, owner: object, field: str, expected: str) -> None:
+        self.owner = type(owner)
+        self.field = field  # may be dotted, e.g. "cifar10.source"
+        value: Any = owner
+        for part in field.split("."):
+            value = getattr(value, part, None)
+        super().__init__(f"{field}: expected {expected}, got {value!r}")
+
+
+def require(ok: bool, owner: object, field: str, expected: str) -> None:
+    """The check every `__post_init__` uses: `require(self.epochs >= 1, self, "epochs", "an int >= 1")`."""
+    if not ok:
+        raise FieldError(owner, field, expected)
+
+
+def load_config(
+    schema: type[T],
+    path: Path | None = None,
+    overrides: Sequence[str] = (),
+    flags: Mapping[str, Any] | None = None,
+) -> T:
+    """Defaults of `schema`, the YAML at `path`, `flags` (dotted key → value, from named command-line
+    options), then each `key.sub=value` override; checked by OmegaConf and the `__post_init__`s."""
+    cfg = OmegaConf.structured(schema)
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        cfg = _merge(cfg, _read_yaml(path), where)
+    if flags:
+        nested: dict[str, Any] = {}
+        for key, value in flags.items():
+            *parents, leaf = key.split(".")
+            node = nested
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = str(value) if isinstance(value, Path) else value
+        cfg = _merge(cfg, OmegaConf.create(nested), "command-line options")
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        try:
+            dotlist = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {_first_line(err)}") from None
+        cfg = _merge(cfg, dotlist, f"override {item!r}")
+    try:
+        return typing.cast(T, OmegaConf.to_object(cfg))
+    except MissingMandatoryValue as err:
+        raise ConfigError(
+            f"{where}: {err.full_key}: a value is required (set it in the file or as {err.full_key}=...)"
+        ) from None
+    except FieldError as err:
+        key = _dotted_path(schema, err.owner, err.field)
+        raise ConfigError(f"{where}: {key}: {str(err).split(': ', 1)[1]}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{where}: {_describe(err)}") from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line} ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return OmegaConf.create(data)
+
+
+def _merge(cfg: Any, other: Any, where: str) -> Any:
+    try:
+        return OmegaConf.merge(cfg, other)
+    except ConfigKeyError as err:
+        raise ConfigError(f"{where}: unknown key {err.full_key!r} ({_first_line(err)})") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{where}: {_describe(err)}") from None
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    return f"{key}: {_first_line(err)}" if key else _first_line(err)
+
+
+def _first_line(err: BaseException) -> str:
+    text = getattr(err, "msg", None) or str(err)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+def _dotted_path(schema: type, owner: type, field: str) -> str:
+    for prefix, cls in walk_schema(schema):
+        if cls is owner:
+            return f"{prefix}.{field}" if prefix else field
+    return field
+
+
+def walk_schema(schema: type, prefix: str = "") -> Iterator[tuple[str, type]]:
+    """(dotted prefix, dataclass type) for `schema` and every nested dataclass field, depth first."""
+    yield prefix, schema
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from walk_schema(typing.cast(type, kind), f"{prefix}.{f.name}" if prefix else f.name)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict of a config instance (paths as strings), for JSON manifests."""
+    return typing.cast(dict[str, Any], _plain(dataclasses.asdict(cfg)))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write the resolved config beside an artifact (atomically)."""
+    atomic_write_text(path, to_yaml(cfg))
+
+
+def field_docs(schema: type) -> dict[str, str]:
+    """Field name → the docstring written under it in the class body."""
+    source = textwrap.dedent(inspect.getsource(schema))
+    body = ast.parse(source).body[0]
+    assert isinstance(body, ast.ClassDef)
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body.body, body.body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def reference_markdown(schema: type, title: str) -> str:
+    """A Markdown table per (sub)config: key, type, default, meaning — generated, never hand-copied."""
+    lines = [f"## {title}", ""]
+    defaults = to_dict(schema()) if _all_defaults(schema) else {}
+    for prefix, cls in walk_schema(schema):
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        rows = []
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            default = _lookup(defaults, key)
+            rows.append(f"| `{key}` | `{_type_name(hints[f.name])}` | `{default}` | {docs.get(f.name, '')} |")
+        if rows:
+            lines += [
+                f"**`{prefix or '(top level)'}`** ({cls.__name__})",
+                "",
+                "| key | type | default | meaning |",
+                "|---|---|---|---|",
+                *rows,
+                "",
+            ]
+    return "\n".join(lines)
+
+
+def _all_defaults(schema: type) -> bool:
+    try:
+        schema()
+    except TypeError:
+        return False
+    return True
+
+
+def _lookup(tree: dict[str, Any], key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "(required)"
+        node = node[part]
+    return "???" if node == "???" else node
+
+
+def _type_name(kind: Any) -> str:
+    text = getattr(kind, "__name__", None) if not typing.get_args(kind) else None
+    return text or str(kind).replace("typing.", "").replace("pathlib.", "")

@@ -1,0 +1,59 @@
+"""Logging and progress bars: one format for every job, quiet on every rank but the first."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+FORMAT = "%(asctime)s %(levelname).1s [%(name)s%(rank)s] %(message)s"
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int | None) -> None:
+        super().__init__()
+        self.rank = "" if rank is None else f" r{rank}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(rank: int | None = None, log_file: Path | None = None, verbose: bool = False) -> None:
+    """Console: INFO on rank 0 (or single process), WARNING elsewhere unless `verbose`. File: INFO."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.INFO)
+    formatter = logging.Formatter(FORMAT, datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if (rank in (None, 0) or verbose) else logging.WARNING)
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(_RankFilter(rank))
+        root.addHandler(handler)
+    # Libraries that print on every import or load: keep their warnings, drop their chatter.
+    for noisy in ("transformers", "diffusers", "DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def progress(total: int | None, desc: str, unit: str, enabled: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar with a rate in `unit`/s; redraws rarely when stderr is a log file, not a terminal."""
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=not enabled,
+        mininterval=0.5 if interactive else 10.0,
+        dynamic_ncols=interactive,
+        file=sys.stderr,
+        **kwargs,
+    )
