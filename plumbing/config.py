@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from plumbing.errors import UserError
@@ -35,18 +35,28 @@ class ConfigError(UserError):
 class FieldError(ValueError):
     """Raised by a config's `__post_init__`: `field` of `owner` holds a value it cannot use."""
 
-    def __init__(self, owner: object, field: str, expected: str) -> None:
+    def __init__(self, owner: object, field: str = "", expected: str = "") -> None:
+        if not field:  # re-raised by OmegaConf with only a message
+            super().__init__(str(owner))
+            self.owner, self.field = type(None), ""
+            return
         self.owner = type(owner)
         self.field = field  # may be dotted, e.g. "cifar10.source"
-        value: Any = owner
-        for part in field.split("."):
-            value = getattr(value, part, None)
-        super().__init__(f"{field}: expected {expected}, got {value!r}")
+        super().__init__(f"{field}: expected {expected}, got {_get(owner, field)!r}")
+
+
+def _get(owner: object, dotted: str) -> Any:
+    value: Any = owner
+    for part in dotted.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def require(ok: bool, owner: object, field: str, expected: str) -> None:
-    """The check every `__post_init__` uses: `require(self.epochs >= 1, self, "epochs", "an int >= 1")`."""
-    if not ok:
+    """The check every `__post_init__` uses: `require(self.epochs >= 1, self, "epochs", "an int >= 1")`.
+
+    A field still at MISSING is not checked here: OmegaConf reports it as a required value."""
+    if not ok and _get(owner, field) != MISSING:
         raise FieldError(owner, field, expected)
 
 
@@ -88,10 +98,21 @@ def load_config(
             f"{where}: {err.full_key}: a value is required (set it in the file or as {err.full_key}=...)"
         ) from None
     except FieldError as err:
+        if not err.field:
+            raise ConfigError(f"{where}: {err}") from None
         key = _dotted_path(schema, err.owner, err.field)
         raise ConfigError(f"{where}: {key}: {str(err).split(': ', 1)[1]}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{where}: {_describe(err)}") from None
+
+
+def config_from_dict(schema: type[T], data: Mapping[str, Any], where: str) -> T:
+    """A config stored inside an artifact (a checkpoint, an export) back as its typed dataclass."""
+    cfg = _merge(OmegaConf.structured(schema), OmegaConf.create(dict(data)), where)
+    try:
+        return typing.cast(T, OmegaConf.to_object(cfg))
+    except (OmegaConfBaseException, FieldError) as err:
+        raise ConfigError(f"{where}: stored config no longer valid ({err})") from None
 
 
 def _read_yaml(path: Path) -> DictConfig:

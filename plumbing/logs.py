@@ -42,6 +42,19 @@ def setup_logging(rank: int | None = None, log_file: Path | None = None, verbose
     # Libraries that print on every import or load: keep their warnings, drop their chatter.
     for noisy in ("transformers", "diffusers", "DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU
+    quiet_hf_progress()
+
+
+def quiet_hf_progress() -> None:
+    """Hugging Face draws a bar for every save and load of a small folder: keep ours only."""
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def progress(total: int | None, desc: str, unit: str, enabled: bool = True, **kwargs: Any) -> tqdm:

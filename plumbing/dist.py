@@ -1,0 +1,176 @@
+"""The one place that reads launcher variables: torchrun, Slurm (one task per GPU) or nothing.
+
+`DistInfo.from_env()` turns them into one frozen record and refuses a half-set environment with a
+message naming what is missing; every other module asks it (dinov2's distributed/__init__.py and
+open_clip's distributed.py do the same job).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from plumbing.errors import UserError
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_ID")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "single", "torchrun" or "slurm"
+    node_name: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DistInfo:
+        env = os.environ if env is None else env
+        node_name = env.get("SLURMD_NODENAME") or socket.gethostname()
+        if any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+            return cls._torchrun(env, node_name)
+        if "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+            return cls._slurm(env, node_name)
+        return cls(0, 1, 0, 1, 0, 1, "127.0.0.1", 0, "single", node_name)
+
+    @classmethod
+    def _torchrun(cls, env: Mapping[str, str], node_name: str) -> DistInfo:
+        _require(env, TORCHRUN_VARS, "torchrun")
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local_rank = _int(env, "LOCAL_RANK")
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+        if not (0 <= rank < world and 0 <= local_rank < local_world):
+            raise UserError(
+                f"torchrun environment: RANK={rank} LOCAL_RANK={local_rank} do not fit WORLD_SIZE={world}"
+            )
+        return cls(
+            rank,
+            world,
+            local_rank,
+            local_world,
+            int(env.get("GROUP_RANK", rank // local_world)),
+            max(1, world // local_world),
+            env["MASTER_ADDR"],
+            _int(env, "MASTER_PORT"),
+            "torchrun",
+            node_name,
+        )
+
+    @classmethod
+    def _slurm(cls, env: Mapping[str, str], node_name: str) -> DistInfo:
+        """srun with one task per GPU: ranks from SLURM_PROCID, the head node from the step's node list."""
+        _require(env, SLURM_VARS, "Slurm (srun)")
+        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+        num_nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
+        local_world = max(1, world // num_nodes)
+        addr = env.get("MASTER_ADDR") or _head_node(
+            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+        )
+        # A port from the job id, so that two jobs sharing a node do not collide.
+        port = int(env.get("MASTER_PORT") or 20000 + int(env["SLURM_JOB_ID"]) % 20000)
+        return cls(
+            rank,
+            world,
+            _int(env, "SLURM_LOCALID"),
+            local_world,
+            _int(env, "SLURM_NODEID"),
+            num_nodes,
+            addr,
+            port,
+            "slurm",
+            node_name,
+        )
+
+
+def _require(env: Mapping[str, str], names: tuple[str, ...], launcher: str) -> None:
+    missing = [n for n in names if n not in env]
+    if missing:
+        present = [n for n in names if n in env]
+        raise UserError(
+            f"half-set {launcher} environment: {', '.join(present)} set but {', '.join(missing)} missing "
+            "(launch with torchrun or srun, or unset them for a single process)"
+        )
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise UserError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def _head_node(nodelist: str) -> str:
+    if not nodelist:
+        raise UserError(
+            "Slurm environment without SLURM_STEP_NODELIST/SLURM_JOB_NODELIST: cannot find the head node"
+        )
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise UserError(
+            f"cannot expand the Slurm node list {nodelist!r} with scontrol ({err}); set MASTER_ADDR"
+        ) from None
+    return out.stdout.split()[0]
+
+
+def init_process_group(info: DistInfo, timeout_s: float = 600) -> str:
+    """Join the job's process group (nccl on GPUs, gloo on CPU). Returns the device to use."""
+    import torch
+    import torch.distributed as dist
+
+    # Libraries that read the launcher's variables themselves (DeepSpeed asserts on LOCAL_RANK) get
+    # them from here, whatever launched us.
+    os.environ.update(
+        RANK=str(info.rank),
+        WORLD_SIZE=str(info.world_size),
+        LOCAL_RANK=str(info.local_rank),
+        LOCAL_WORLD_SIZE=str(info.local_world_size),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() > info.local_rank
+    device = f"cuda:{info.local_rank}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(info.local_rank)
+    if not info.distributed and not dist.is_initialized():
+        # DeepSpeed wants a process group even alone: a one-rank group on an in-process store.
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    elif not dist.is_initialized():
+        # Under torchrun the agent may already host the store at MASTER_PORT
+        # (TORCHELASTIC_USE_AGENT_STORE): env:// knows to join it rather than bind the port again.
+        init = "env://" if info.launcher == "torchrun" else f"tcp://{info.master_addr}:{info.master_port}"
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            init_method=init,
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return device
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,64 @@
+"""`python -m trainer --config FILE [key=value …]`: one training run (single process, torchrun or srun).
+
+    python -m trainer --config configs/demo-cifar10.yaml run.dir=runs/try train.max_steps=20
+    torchrun --nproc-per-node 2 -m trainer --config configs/flickr8k.yaml deepspeed.zero_stage=3
+
+`--check` loads and validates everything a run needs (config, manifest, shards, the epoch plan)
+without training: launch scripts run it once before starting many processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from plumbing.config import load_config, to_yaml
+from plumbing.dist import DistInfo
+from plumbing.errors import EXIT_USAGE, UserError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", type=Path, help="YAML TrainConfig (configs/*.yaml)")
+    p.add_argument("--check", action="store_true", help="validate config, data and plan, then exit")
+    p.add_argument(
+        "--world-size", type=int, default=1, help="with --check: the number of ranks the run will have"
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. run.dir=runs/x train.max_steps=100"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # Rust tokenizers warn (and may deadlock) when the loader forks workers after they ran threads.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rank = 0
+    try:
+        rank = DistInfo.from_env().rank
+        from trainer.config import TrainConfig
+
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        if args.check:
+            from trainer.plan import check
+
+            print(check(cfg, args.world_size))
+            return 0
+        from trainer.train import train
+
+        return train(cfg)
+    except UserError as err:
+        if rank == 0:  # every rank raises the same error; one line is enough
+            print(f"trainer: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,81 @@
+"""TrainConfig: one typed config for a training job. Each section lives beside the code that uses it;
+this file only assembles them and owns the run-level and loop-level settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from plumbing.config import require
+from trainer.checkpoint import CheckpointConfig
+from trainer.data import DataConfig
+from trainer.engine import DeepSpeedConfig, OptimConfig
+from trainer.evaluate import EvalConfig
+from trainer.model import ModelConfig
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING
+    """Run folder: config.yaml, train.log, tensorboard/, checkpoints/, export/ (and base-model/ for presets)."""
+    seed: int = 0
+    """Seed of the heads' initialisation, the data order and the augmentations."""
+    log_every: int = 10
+    """Write scalars and a log line every N optimizer steps."""
+    verbose: bool = False
+    """Let every rank log to the console (default: rank 0 only; all ranks still raise errors)."""
+
+    def __post_init__(self) -> None:
+        require(self.log_every >= 1, self, "log_every", "an int >= 1")
+
+
+@dataclass
+class LoopConfig:
+    objective: str = MISSING
+    """"classification" (CIFAR-10: images against class prompts) or "contrastive" (Flickr8k: InfoNCE)."""
+    epochs: int = 1
+    """Passes over the train split."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (then checkpoint and export); 0: no limit."""
+    batch_size: int = 16
+    """Micro-batch per rank (per GPU)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = batch_size × grad_accum × world size."""
+    class_templates: list[str] = field(default_factory=lambda: ["An image of a {label}."])
+    """Classification: prompts per class ({label} is the class name), averaged per class."""
+    max_nonfinite: int = 5
+    """A non-finite loss skips the micro-batch; this many in a row stop the run."""
+
+    def __post_init__(self) -> None:
+        require(
+            self.objective in ("classification", "contrastive"),
+            self,
+            "objective",
+            '"classification" or "contrastive"',
+        )
+        require(self.epochs >= 1, self, "epochs", "an int >= 1")
+        require(self.max_steps >= 0, self, "max_steps", "an int >= 0")
+        require(self.batch_size >= 1, self, "batch_size", "an int >= 1")
+        require(self.grad_accum >= 1, self, "grad_accum", "an int >= 1")
+        require(
+            all("{label}" in t for t in self.class_templates) and bool(self.class_templates),
+            self,
+            "class_templates",
+            "templates containing {label}",
+        )
+        require(self.max_nonfinite >= 1, self, "max_nonfinite", "an int >= 1")
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resume: str = "auto"
+    """"auto" (newest complete checkpoint in run.dir, or start fresh), "none", or a checkpoint folder."""

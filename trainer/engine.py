@@ -1,0 +1,274 @@
+"""The one module that imports DeepSpeed: the ds config from TrainConfig, freezing, the optimizer and
+LR schedule, `deepspeed.initialize`, teardown, and consolidating ZeRO checkpoints to fp32.
+
+Version facts worked around here (../shared/notes/stack-on-cpu.md): no `zero.Init` (it corrupts
+`from_pretrained` on CPU + gloo: every rank builds the whole model and `initialize` partitions it);
+the 0-dim CLIP logit_scale stays frozen (the trained temperature is shaped [1]); the engine is
+destroyed before the process group so that torchrun exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plumbing.config import require
+from plumbing.errors import UserError
+from trainer.model import CLIPFineTuner, ModelConfig
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # explicit: DeepSpeed would guess it with a warning
+import deepspeed  # noqa: E402  (must follow DS_ACCELERATOR)
+
+log = logging.getLogger("trainer.engine")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to biases, norms or the temperature."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas (CLIP's 0.98 for beta2)."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to lr over this many optimizer steps, then a cosine decay."""
+    min_lr_ratio: float = 0.0
+    """The cosine decays to lr × this at the last step."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, self, "lr", "a positive learning rate")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            self,
+            "betas",
+            "two numbers in [0, 1)",
+        )
+        require(self.warmup_steps >= 0, self, "warmup_steps", "an int >= 0")
+        require(0 <= self.min_lr_ratio <= 1, self, "min_lr_ratio", "a fraction in [0, 1]")
+        require(self.grad_clip >= 0, self, "grad_clip", "a norm >= 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    """ZeRO stage: 0 (data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
+    precision: str = "fp32"
+    """"fp32", "bf16" or "fp16" (fp16 needs CUDA)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states and the step on the CPU (ZeRO-Offload; builds DeepSpeedCPUAdam once)."""
+    offload_param: bool = False
+    """Keep parameters on the CPU between uses (ZeRO-Infinity; stage 3 only)."""
+    stage3_param_persistence_threshold: int = 100000
+    """ZeRO-3 keeps parameters smaller than this whole on every rank (0 partitions all of them)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed config keys merged over the generated config (for experts; logged)."""
+
+    def __post_init__(self) -> None:
+        require(self.zero_stage in (0, 1, 2, 3), self, "zero_stage", "0, 1, 2 or 3")
+        require(self.precision in ("fp32", "bf16", "fp16"), self, "precision", '"fp32", "bf16" or "fp16"')
+        require(
+            not self.offload_param or self.zero_stage == 3,
+            self,
+            "offload_param",
+            "zero_stage 3 (parameters are only partitioned there)",
+        )
+        require(
+            not self.offload_optimizer or self.zero_stage >= 1, self, "offload_optimizer", "zero_stage >= 1"
+        )
+        require(
+            self.stage3_param_persistence_threshold >= 0,
+            self,
+            "stage3_param_persistence_threshold",
+            "an int >= 0",
+        )
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """Derived once; DeepSpeed's own arithmetic must agree (checked after initialize)."""
+
+    micro: int
+    accum: int
+    world: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+
+def ds_config(ds: DeepSpeedConfig, optim: OptimConfig, sizes: BatchSizes, on_cuda: bool) -> dict[str, Any]:
+    if ds.precision == "fp16" and not on_cuda:
+        raise UserError("deepspeed.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
+    if ds.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
+    config: dict[str, Any] = {
+        "train_batch_size": sizes.global_batch,
+        "train_micro_batch_size_per_gpu": sizes.micro,
+        "gradient_accumulation_steps": sizes.accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # the client torch AdamW under ZeRO
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if (
+        ds.offload_optimizer
+    ):  # ZeRO-Offload needs DeepSpeed's CPU Adam, so the optimizer comes from the config
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": optim.betas,
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+            },
+        }
+    for key, value in ds.overrides.items():
+        log.info("deepspeed.overrides: %s = %r", key, value)
+        config[key] = value
+    return config
+
+
+def freeze(model: CLIPFineTuner, cfg: ModelConfig) -> None:
+    """Freeze whole towers, or all but their last N layers (the final norm and projection train)."""
+    clip = model.clip
+    towers = [
+        (
+            cfg.freeze_vision,
+            cfg.vision_trainable_layers,
+            clip.vision_model,
+            clip.vision_model.post_layernorm,
+            clip.visual_projection,
+        ),
+        (
+            cfg.freeze_text,
+            cfg.text_trainable_layers,
+            clip.text_model,
+            clip.text_model.final_layer_norm,
+            clip.text_projection,
+        ),
+    ]
+    for frozen, last_n, tower, final_norm, projection in towers:
+        if frozen:
+            tower.requires_grad_(False)
+            projection.requires_grad_(False)
+        elif last_n >= 0:
+            tower.requires_grad_(False)
+            layers = tower.encoder.layers
+            for layer in layers[len(layers) - last_n :] if last_n else []:
+                layer.requires_grad_(True)
+            final_norm.requires_grad_(True)
+    clip.logit_scale.requires_grad_(False)  # ours is model.logit_scale
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay for biases, norm gains and the temperature (all < 2-D; open_clip's rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):  # noqa: ANN201
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_engine(
+    model: CLIPFineTuner,
+    model_cfg: ModelConfig,
+    ds: DeepSpeedConfig,
+    optim: OptimConfig,
+    sizes: BatchSizes,
+    total_steps: int,
+    on_cuda: bool,
+) -> Any:
+    """Freeze → optimizer groups → ds config → deepspeed.initialize (ZeRO partitioning happens there)."""
+    freeze(model, model_cfg)
+    groups = param_groups(model, optim.weight_decay)
+    config = ds_config(ds, optim, sizes, on_cuda)
+    optimizer = None
+    if "optimizer" not in config:
+        fused = on_cuda and ds.zero_stage == 0
+        optimizer = torch.optim.AdamW(
+            groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None
+        )
+    schedule = lr_lambda(optim.warmup_steps, total_steps, optim.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=groups if optimizer is None else None,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=config,
+        dist_init_required=False,
+    )
+    if engine.train_batch_size() != sizes.global_batch or engine.gradient_accumulation_steps() != sizes.accum:
+        raise RuntimeError(
+            f"DeepSpeed batch {engine.train_batch_size()} differs from the planned {sizes.global_batch}"
+        )
+    return engine
+
+
+def save_checkpoint(engine: Any, root: Path, tag: str, client_state: dict[str, Any]) -> None:
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+
+
+def load_checkpoint(engine: Any, root: Path, tag: str) -> None:
+    path, _ = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise UserError(f"{root / tag}: DeepSpeed found no checkpoint to load")
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of the model from a checkpoint of any ZeRO stage."""
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        return _consolidate(checkpoint)  # zero_to_fp32 prints every tensor group it reassembles
+
+
+def _consolidate(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if list(checkpoint.glob("*zero_pp_rank_*optim_states.pt")) or list(checkpoint.glob("*_optim_states.pt")):
+        if any("zero" in p.name for p in checkpoint.iterdir()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+            return {k: v.float() for k, v in state.items()}
+    model_file = checkpoint / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise UserError(f"{checkpoint}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
+    saved = torch.load(model_file, map_location="cpu", weights_only=False)  # DeepSpeed's own file format
+    return {k: v.float() for k, v in saved["module"].items()}
+
+
+def teardown(engine: Any) -> None:
+    """Destroy the engine before the process group: without it ~20 % of gloo runs abort at exit."""
+    if engine is not None:
+        engine.destroy()
+    gc.collect()
