@@ -29,7 +29,7 @@ def setup_logging(rank: int | None = None, log_file: Path | None = None, verbose
         root.removeHandler(handler)
     root.setLevel(logging.INFO)
     formatter = logging.Formatter(FORMAT, datefmt="%H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
+    console = _TqdmHandler()
     console.setLevel(logging.INFO if (rank in (None, 0) or verbose) else logging.WARNING)
     handlers: list[logging.Handler] = [console]
     if log_file is not None:
@@ -55,6 +55,19 @@ def quiet_hf_progress() -> None:
         transformers.utils.logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console lines printed above any progress bar instead of through it."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
 
 def progress(total: int | None, desc: str, unit: str, enabled: bool = True, **kwargs: Any) -> tqdm:

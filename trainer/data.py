@@ -195,10 +195,12 @@ def decode_or_substitute(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str,
             )
             pending += 1
             continue
+        copies = [
+            {**sample, "skipped": 0, "substitute": True} for _ in range(pending)
+        ]  # before later stages edit it
         sample["skipped"] = pending
         yield sample
-        for _ in range(pending):
-            yield {**sample, "skipped": 0, "substitute": True}
+        yield from copies
         pending = 0
     if pending:
         raise RuntimeError(f"the last {pending} samples of a data slot do not decode")
@@ -322,10 +324,12 @@ class TrainEpoch(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         lay = self.layout
+        # The DataLoader asks its worker 0 first; after a resume the next micro-batch, number `start`,
+        # belongs to slot worker start % W, so loader workers are rotated onto slot workers.
+        worker = ((info.id if info is not None else 0) + self.start) % lay.workers
         slot = self.rank * lay.workers + worker
-        # Micro-batches i < start were trained already; worker w produced those with i % W == w.
+        # Micro-batches i < start were trained already; slot worker w made those with i % W == w.
         done = max(0, -(-(self.start - worker) // lay.workers))
         ranges = _cut(self.shards, slot * lay.per_slot, (slot + 1) * lay.per_slot)
         rng = random.Random(derive_seed(self.seed, "shuffle", self.epoch, slot))

@@ -49,7 +49,8 @@ class Monitor:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(tb_dir))
+            # purge_step: a resumed run drops what its predecessor logged after the checkpoint
+            self.writer = SummaryWriter(str(tb_dir), purge_step=start_step + 1 if start_step else None)
         self.bar = progress(total_steps, "train", "step", enabled=enabled, initial=start_step)
         self.window = Window()
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data_prep.manifest import Manifest, load_manifest, verify_shards
 from plumbing.config import save_config, to_dict
@@ -84,11 +83,11 @@ def train(cfg: TrainConfig) -> int:
             processor,
             device.startswith("cuda"),
         )  # 3. the epoch plan
-        total = data.steps_per_epoch * cfg.train.epochs
-        total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+        schedule = data.steps_per_epoch * cfg.train.epochs  # the LR horizon: train.max_steps only stops early
+        total = min(schedule, cfg.train.max_steps) if cfg.train.max_steps else schedule
         sizes = BatchSizes(cfg.train.batch_size, cfg.train.grad_accum, info.world_size)
         engine = build_engine(
-            model, cfg.model, cfg.deepspeed, cfg.optim, sizes, total, device.startswith("cuda")
+            model, cfg.model, cfg.deepspeed, cfg.optim, sizes, schedule, device.startswith("cuda")
         )  # 4. DeepSpeed
         ckpt = Checkpointer(cfg.checkpoint, run.checkpoints, info)
         state = TrainState(
@@ -118,8 +117,7 @@ def train(cfg: TrainConfig) -> int:
             run.root,
         )
         loop = Loop(cfg, engine, data, ckpt, evaluator, monitor, state, class_prompts, device, total)
-        with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
-            code = loop.run()  # 6. train
+        code = loop.run()  # 6. train
         if code == 0 and info.is_main:  # 7. export
             export(loop.last_checkpoint, run.export, overwrite=True)
             log.info("export: %s (tensorboard --logdir %s)", run.export, run.tensorboard)
@@ -198,6 +196,8 @@ class Loop:
         self.last_checkpoint: Path | None = done[-1] if done else None
         self.signals = StopSignals()
         self.bad_in_row = 0
+        self.temperature = math.nan
+        self.step_lr = math.nan
         self.unsynced = [0.0, 0.0]  # samples read, undecodable samples: summed over ranks at log steps
         self.read_total = 0.0
         self.step_samples = cfg.train.batch_size * cfg.train.grad_accum * state.world_size
@@ -238,16 +238,15 @@ class Loop:
             if s.step % self.cfg.run.log_every == 0:
                 self.sync_counters()
             step_time = watch.lap() + data_time
-            temperature = float(self.engine.module.logit_scale.detach().float().exp())
             self.monitor.step(
                 s.step,
                 loss,
                 self.step_samples,
                 step_time,
                 data_time,
-                self.lr(),
+                self.step_lr,
                 self.grad_norm(),
-                temperature,
+                self.temperature,
                 s.skipped_samples,
                 s.nonfinite_steps,
             )
@@ -273,7 +272,7 @@ class Loop:
         """Forward, then agree across ranks whether the loss is finite and whether a stop signal came.
         A non-finite micro-batch is dropped before backward: DeepSpeed never sees it, and the next
         micro-batch takes its place in the accumulation window. Returns (loss, finite, boundary, stop)."""
-        loss = self.loss(batch)
+        loss, self.temperature = self.loss(batch)
         flags = torch.tensor(
             [float(not torch.isfinite(loss)), float(self.signals.requested)], device=self.device
         )
@@ -289,29 +288,32 @@ class Loop:
             )
             return math.nan, False, False, stop
         boundary = self.engine.is_gradient_accumulation_boundary()
+        self.step_lr = float(
+            self.engine.get_lr()[0]
+        )  # the rate this update uses (the scheduler steps after it)
         self.engine.backward(loss)
         self.engine.step()
         return float(loss.detach()), True, boundary, stop
 
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
+        """The objective's loss and the temperature (read from the forward: under ZeRO-3 the parameter
+        itself is only gathered inside it)."""
         pixels = batch["pixel_values"].to(self.device, self.dtype, non_blocking=True)
         if self.cfg.train.objective == "classification":
             assert self.class_prompts is not None
-            ids, mask = (
-                self.class_prompts["input_ids"].to(self.device),
-                self.class_prompts["attention_mask"].to(self.device),
-            )
-            image, text, scale = self.engine(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+            ids, mask = self.class_prompts["input_ids"], self.class_prompts["attention_mask"]
+        else:
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+        image, text, scale = self.engine(
+            pixel_values=pixels, input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+        )
+        image, text, scale = image.float(), text.float(), scale.float()
+        if self.cfg.train.objective == "classification":
+            labels = batch["labels"].to(self.device)
             return classification_loss(
-                image.float(),
-                text.float(),
-                scale.float(),
-                batch["labels"].to(self.device),
-                len(self.cfg.train.class_templates),
-            )
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        image, text, scale = self.engine(pixel_values=pixels, input_ids=ids, attention_mask=mask)
-        return contrastive_loss(image.float(), text.float(), scale.float())
+                image, text, scale, labels, len(self.cfg.train.class_templates)
+            ), float(scale)
+        return contrastive_loss(image, text, scale), float(scale)
 
     def sync_counters(self) -> None:
         """Sum the undecodable-sample counts over ranks; too many stops the run."""
@@ -362,9 +364,6 @@ class Loop:
             f"{self.bad_in_row} non-finite losses in a row at step {self.state.step} (train.max_nonfinite): {where}; "
             "lower optim.lr or check the data"
         )
-
-    def lr(self) -> float:
-        return float(self.engine.get_lr()[0])
 
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()

@@ -1,0 +1,247 @@
+"""The real trainer, launched as users launch it (torchrun, 2 ranks on CPU), on tiny shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.shards import end_of_archive, tar_member
+from plumbing.files import sha256_file
+from tests.helpers import PY, run, scalars, tags, torchrun, trainer_args
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture(scope="module")
+def stages(small_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """2-rank runs of the same seed and data under ZeRO 0, 2 and 3 (stage 3 with every parameter
+    partitioned: persistence threshold 0)."""
+    root = tmp_path_factory.mktemp("stages")
+    runs = {}
+    for stage in (0, 2, 3):
+        run_dir = root / f"zero{stage}"
+        extra = [f"deepspeed.zero_stage={stage}", "deepspeed.stage3_param_persistence_threshold=0"]
+        torchrun(2, trainer_args(small_data["cifar10"], run_dir, *extra))
+        runs[stage] = run_dir
+    return runs
+
+
+def test_loss_falls_and_accuracy_rises_under_every_stage(stages: dict[int, Path]) -> None:
+    for stage, run_dir in stages.items():
+        loss = scalars(run_dir / "tensorboard", "train/loss")
+        assert len(loss) == 20, stage
+        first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (18, 19, 20)) / 3
+        assert last < first - 0.3, (stage, first, last)
+        top1 = scalars(run_dir / "tensorboard", "eval/top1")
+        assert top1[20] > top1[0] + 0.2, (stage, top1)
+
+
+def test_zero2_and_zero3_follow_the_zero0_loss_curve(stages: dict[int, Path]) -> None:
+    reference = scalars(stages[0] / "tensorboard", "train/loss")
+    for stage in (2, 3):
+        other = scalars(stages[stage] / "tensorboard", "train/loss")
+        assert other.keys() == reference.keys()
+        assert max(abs(other[s] - reference[s]) for s in reference) < 1e-4, stage
+
+
+def test_tensorboard_holds_what_a_user_watches(stages: dict[int, Path]) -> None:
+    found = tags(stages[2] / "tensorboard")
+    wanted = {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/temperature",
+        "perf/samples_per_s",
+        "perf/step_time_s",
+        "perf/data_wait_fraction",
+        "perf/peak_memory_mb",
+        "data/skipped_samples",
+        "eval/top1",
+        "eval/top5",
+    }
+    assert wanted <= found, wanted - found
+    lr = scalars(stages[2] / "tensorboard", "train/lr")
+    assert (
+        lr[1] < lr[4] < lr[5] == pytest.approx(1e-3, rel=1e-6)
+    )  # linear warm-up over 5 steps (optim.warmup_steps)
+    assert lr[5] > lr[10] > lr[20]  # then the cosine decay
+
+
+def test_run_folder_layout_and_resolved_config(stages: dict[int, Path]) -> None:
+    run_dir = stages[2]
+    for name in ("config.yaml", "train.log", "tensorboard", "checkpoints", "export"):
+        assert (run_dir / name).exists(), name
+    assert "zero_stage: 2" in (run_dir / "config.yaml").read_text()
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    assert checkpoints == ["step-00000010", "step-00000020"]  # one per epoch
+    state = json.loads((run_dir / "checkpoints" / "step-00000010" / "trainer_state.json").read_text())
+    assert state["state"]["epoch"] == 1 and state["state"]["micro_in_epoch"] == 0
+    assert state["config"]["deepspeed"]["zero_stage"] == 2
+
+
+def test_export_round_trip_is_exact(stages: dict[int, Path]) -> None:
+    """The ZeRO-3 export (consolidated from partitions) gives the checkpoint's model exactly, and loads
+    with plain transformers classes; nothing in it is a pickle."""
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+    from trainer.engine import consolidated_state_dict
+    from trainer.model import CLIPFineTuner, ModelConfig, build_finetuner
+
+    run_dir = stages[3]
+    export = run_dir / "export"
+    assert not [p for p in export.rglob("*") if p.suffix in (".pt", ".bin", ".pkl", ".pickle")]
+    tuned = CLIPFineTuner.from_pretrained(export)
+    reference = build_finetuner(ModelConfig(preset="tiny"), str(run_dir / "base-model"))
+    reference.load_state_dict(
+        consolidated_state_dict(run_dir / "checkpoints" / "step-00000020"), strict=False
+    )
+    reference.eval()
+    tokenizer = CLIPTokenizer.from_pretrained(export)
+    tokens = tokenizer(
+        ["An image of a cat.", "a red circle"], padding="max_length", max_length=32, return_tensors="pt"
+    )
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a_img, a_txt, a_scale = tuned(pixels, tokens["input_ids"], tokens["attention_mask"])
+        b_img, b_txt, b_scale = reference(pixels, tokens["input_ids"], tokens["attention_mask"])
+        assert torch.equal(a_img, b_img) and torch.equal(a_txt, b_txt) and torch.equal(a_scale, b_scale)
+        clip = CLIPModel.from_pretrained(export)
+        text = CLIPTextModel.from_pretrained(export / "text_encoder")
+        assert torch.equal(clip.logit_scale.exp(), tuned.logit_scale.exp().reshape(()))
+        hidden = text(**tokens).last_hidden_state
+        assert torch.equal(hidden, clip.text_model(**tokens).last_hidden_state)
+    info = json.loads((export / "export.json").read_text())
+    assert info["step"] == 20 and len(info["content_sha256"]) == 64
+
+
+def test_resume_mid_epoch_and_at_epoch_end_equals_an_uninterrupted_run(
+    small_data: dict[str, Path], stages: dict[int, Path], tmp_path: Path
+) -> None:
+    reference = scalars(stages[2] / "tensorboard", "train/loss")
+    for stop in (7, 10):  # 7: inside epoch 1 (2 loader workers, exact data position); 10: its end
+        run_dir = tmp_path / f"stop{stop}"
+        torchrun(2, trainer_args(small_data["cifar10"], run_dir, f"train.max_steps={stop}"))
+        assert (run_dir / "checkpoints" / f"step-{stop:08d}").is_dir()
+        resumed = torchrun(2, trainer_args(small_data["cifar10"], run_dir))
+        assert f"resumed from {run_dir / 'checkpoints' / f'step-{stop:08d}'}" in resumed.stderr
+        loss = scalars(run_dir / "tensorboard", "train/loss")
+        assert loss.keys() == reference.keys()
+        assert max(abs(loss[s] - reference[s]) for s in reference) < 1e-5, stop
+
+
+def test_contrastive_flickr8k_run(small_data: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "flickr"
+    args = trainer_args(
+        small_data["flickr8k"],
+        run_dir,
+        "train.epochs=3",
+        "train.batch_size=8",
+        config="configs/demo-flickr8k.yaml",
+    )
+    torchrun(2, [*args, "eval.every_epochs=3"])
+    loss = scalars(run_dir / "tensorboard", "train/loss")
+    steps = sorted(loss)
+    assert sum(loss[s] for s in steps[-3:]) < sum(loss[s] for s in steps[:3]) - 0.2
+    found = tags(run_dir / "tensorboard")
+    assert {"eval/i2t_R@1", "eval/t2i_R@1", "eval/i2t_R@10", "eval/t2i_R@5"} <= found
+    r10 = scalars(run_dir / "tensorboard", "eval/i2t_R@10")
+    assert r10[max(r10)] > r10[0]
+
+
+def _corrupt_one_image(manifest: Path, out: Path) -> str:
+    """A copy of the dataset where one sample's PNG is garbage (the manifest updated to match, as if
+    data_prep had shipped it): the trainer must skip and count it."""
+    shutil.copytree(manifest.parent, out)
+    data = json.loads((out / "manifest.json").read_text())
+    shard = data["splits"]["train"]["shards"][0]
+    path = out / "train" / shard["name"]
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = members[0][0].split(".")[0]
+    parts: list[bytes] = []
+    for name, blob in members:
+        parts += tar_member(name, b"\x89PNG not really" if name == f"{victim}.png" else blob)
+    body = b"".join(parts)
+    path.write_bytes(body + end_of_archive(len(body)))
+    shard["sha256"], shard["bytes"] = sha256_file(path), path.stat().st_size
+    (out / "manifest.json").write_text(json.dumps(data))
+    return victim
+
+
+def test_an_undecodable_sample_is_skipped_and_counted(small_data: dict[str, Path], tmp_path: Path) -> None:
+    victim = _corrupt_one_image(small_data["cifar10"], tmp_path / "data")
+    run_dir = tmp_path / "run"
+    proc = run(
+        [
+            PY,
+            "-m",
+            "trainer",
+            *trainer_args(
+                tmp_path / "data" / "manifest.json", run_dir, "train.epochs=1", "data.max_bad_fraction=0.01"
+            ),
+        ]
+    )
+    assert f"skipping undecodable sample {victim}" in proc.stderr
+    skipped = scalars(run_dir / "tensorboard", "data/skipped_samples")
+    assert skipped[max(skipped)] == 1
+    too_strict = run(
+        [
+            PY,
+            "-m",
+            "trainer",
+            *trainer_args(
+                tmp_path / "data" / "manifest.json",
+                tmp_path / "strict",
+                "train.epochs=1",
+                "data.max_bad_fraction=0.001",
+            ),
+        ],
+        check=False,
+    )
+    assert too_strict.returncode == 2 and "exceed data.max_bad_fraction=0.001" in too_strict.stderr
+
+
+def test_unusable_layout_and_bad_data_are_one_line_before_training(
+    small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    args = trainer_args(small_data["cifar10"], tmp_path / "r", "train.batch_size=128")
+    check = run([PY, "-m", "trainer", "--check", "--world-size", "2", *args], check=False)
+    assert check.returncode == 2
+    assert check.stderr.strip().count("\n") == 0 and "need at least 512" in check.stderr
+    launched = torchrun(2, args, check=False)
+    assert launched.returncode != 0 and launched.stderr.count("trainer: error:") == 1
+    ok = run(
+        [
+            PY,
+            "-m",
+            "trainer",
+            "--check",
+            "--world-size",
+            "2",
+            *trainer_args(small_data["cifar10"], tmp_path / "r"),
+        ]
+    )
+    assert ok.stdout.startswith("ok: 320 train samples")
+    broken = tmp_path / "broken"
+    shutil.copytree(small_data["cifar10"].parent, broken)
+    victim = sorted((broken / "train").glob("*.tar"))[1]
+    victim.write_bytes(victim.read_bytes()[:1000])
+    proc = run([PY, "-m", "trainer", *trainer_args(broken / "manifest.json", tmp_path / "r2")], check=False)
+    assert proc.returncode == 2 and f"shard {victim} has 1000 bytes" in proc.stderr
+    assert not (tmp_path / "r2" / "checkpoints").exists()
+
+
+def test_a_bad_config_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  objective: classification\n  epocs: 3\n")
+    proc = run([PY, "-m", "trainer", "--config", str(bad)], check=False)
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip()
+        == f"trainer: error: {bad}: unknown key 'train.epocs' (Key 'epocs' not in 'LoopConfig'. Did you mean: 'epochs'?)"
+    )

@@ -1,0 +1,172 @@
+"""Pure pieces of the trainer: metrics on hand-made embeddings, the epoch plan, launcher variables,
+optimizer groups, the LR schedule, freezing, config errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from plumbing.config import ConfigError, load_config
+from plumbing.dist import DistInfo
+from plumbing.errors import UserError
+from trainer.config import TrainConfig
+from trainer.data import Range, _cut, train_layout
+from trainer.engine import lr_lambda, param_groups
+from trainer.evaluate import retrieval_recall, topk_correct
+
+
+def test_topk_correct_on_known_logits() -> None:
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1], [0.3, 0.2, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    assert topk_correct(logits, labels, [1, 2]) == {1: 1, 2: 3}
+
+
+def test_retrieval_recall_on_known_embeddings() -> None:
+    # Three images on the axes; captions 0,1 belong to image 0, caption 2 to image 1, caption 3 to image 2.
+    image = torch.eye(3)
+    text = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0], [0.9, 0, 0.1]])
+    owner = torch.tensor([0, 0, 1, 2])
+    r = retrieval_recall(image, text, owner, [1, 2])
+    # image 0 → best caption 0 (own): hit; image 1 → caption 2 (own): hit; image 2 → caption 1 (image 0's): miss
+    assert r["i2t_R@1"] == pytest.approx(2 / 3)
+    # caption 0 → image 0 hit; caption 1 → image 2 miss; caption 2 → image 1 hit; caption 3 → image 0 miss
+    assert r["t2i_R@1"] == pytest.approx(2 / 4)
+    assert r["t2i_R@2"] == pytest.approx(4 / 4)  # caption 1's own image ranks second, caption 3's too
+
+
+def test_cut_returns_the_shard_ranges_of_a_sample_range() -> None:
+    shards = [("a", 40), ("b", 40), ("c", 15)]
+    assert _cut(shards, 30, 85) == [Range("a", 30, 40), Range("b", 0, 40), Range("c", 0, 5)]
+    assert _cut(shards, 0, 0) == []
+
+
+def test_layout_gives_every_rank_the_same_steps_and_says_why_when_it_cannot(tmp_path) -> None:
+    layout = train_layout(1000, ranks=2, workers=3, batch=16, split="train", manifest=tmp_path)
+    assert layout.per_slot == 166 and layout.batches_per_slot == 10 and layout.micro_batches == 30
+    with pytest.raises(
+        UserError, match=r"has 60 samples, but 2 ranks × 2 loader workers × batch 16 need at least 64"
+    ):
+        train_layout(60, ranks=2, workers=2, batch=16, split="train", manifest=tmp_path)
+
+
+def test_dist_info_from_torchrun_slurm_and_nothing() -> None:
+    tr = DistInfo.from_env(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "h",
+            "MASTER_PORT": "29500",
+            "GROUP_RANK": "1",
+        }
+    )
+    assert (tr.rank, tr.world_size, tr.local_rank, tr.node_rank, tr.num_nodes, tr.launcher) == (
+        3,
+        4,
+        1,
+        1,
+        2,
+        "torchrun",
+    )
+    slurm = DistInfo.from_env(
+        {
+            "SLURM_STEP_ID": "0",
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_NODEID": "1",
+            "SLURM_JOB_ID": "77",
+            "SLURM_NNODES": "2",
+            "MASTER_ADDR": "node1",
+            "SLURMD_NODENAME": "node2",
+        }
+    )
+    assert (
+        slurm.rank,
+        slurm.world_size,
+        slurm.local_world_size,
+        slurm.master_addr,
+        slurm.master_port,
+        slurm.node_name,
+    ) == (5, 8, 4, "node1", 20077, "node2")
+    assert DistInfo.from_env({}).launcher == "single"
+    # a batch script (no step) with many tasks is still a single process
+    assert DistInfo.from_env({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}).launcher == "single"
+
+
+def test_half_set_environment_is_refused_with_the_missing_names() -> None:
+    with pytest.raises(
+        UserError,
+        match="half-set torchrun environment: RANK set but WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT missing",
+    ):
+        DistInfo.from_env({"RANK": "0"})
+    with pytest.raises(UserError, match="SLURM_LOCALID"):
+        DistInfo.from_env(
+            {
+                "SLURM_STEP_ID": "0",
+                "SLURM_PROCID": "0",
+                "SLURM_NTASKS": "2",
+                "SLURM_NODEID": "0",
+                "SLURM_JOB_ID": "1",
+            }
+        )
+
+
+def test_no_weight_decay_on_biases_norms_and_temperature() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model.logit_scale = torch.nn.Parameter(torch.ones(1))
+    decay, no_decay = param_groups(model, 0.1)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+
+
+def test_lr_warms_up_then_decays_to_the_floor() -> None:
+    f = lr_lambda(warmup=10, total=110, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1)
+
+
+def test_freezing_the_last_layers_only(tmp_path) -> None:
+    from trainer.engine import freeze
+    from trainer.model import ModelConfig, build_finetuner
+    from trainer.tiny import TinyConfig, build_tiny_clip
+
+    build_tiny_clip(tmp_path, TinyConfig())
+    cfg = ModelConfig(preset="tiny", vision_trainable_layers=1, freeze_text=True)
+    model = build_finetuner(cfg, str(tmp_path))
+    freeze(model, cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("clip.vision_model.encoder.layers.1.") for n in trainable)
+    assert not any(n.startswith("clip.vision_model.encoder.layers.0.") for n in trainable)
+    assert not any(
+        n.startswith("clip.text_model.") or n.startswith("clip.text_projection") for n in trainable
+    )
+    assert {"logit_scale", "image_head.net.weight", "text_head.net.weight"} <= trainable
+    assert "clip.logit_scale" not in trainable
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["train.objective=regression"], 'train.objective: expected "classification" or "contrastive"'),
+        (["deepspeed.zero_stage=4"], "deepspeed.zero_stage: expected 0, 1, 2 or 3"),
+        (["deepspeed.offload_param=true"], "deepspeed.offload_param: expected zero_stage 3"),
+        (["train.batch_size=many"], "train.batch_size"),
+        (["trian.epochs=3"], "unknown key 'trian'"),
+        (["data.verify=md5"], "data.verify"),
+    ],
+)
+def test_bad_trainer_config_names_the_key(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_config(
+            TrainConfig, None, ["train.objective=contrastive", "data.manifest=m", "run.dir=r", *overrides]
+        )
+
+
+def test_missing_required_values_are_named() -> None:
+    with pytest.raises(ConfigError, match="data.manifest: a value is required"):
+        load_config(TrainConfig, None, ["train.objective=contrastive", "run.dir=r"])
