@@ -88,8 +88,8 @@ def load_config(
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         try:
             dotlist = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"override {item!r}: {_first_line(err)}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise ConfigError(f"override {item!r}: cannot parse the value ({_first_line(err)})") from None
         cfg = _merge(cfg, dotlist, f"override {item!r}")
     try:
         return typing.cast(T, OmegaConf.to_object(cfg))

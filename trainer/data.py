@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,12 +29,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from omegaconf import MISSING
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms import v2 as T
 
 from data_prep.manifest import Manifest, ShardRecord
 from plumbing.config import require
@@ -207,24 +208,15 @@ def decode_or_substitute(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str,
 
 
 def preprocess(
-    sample: dict[str, Any],
-    transform: Callable[[Image.Image], torch.Tensor],
-    seed: int,
-    epoch: int,
-    train: bool,
+    sample: dict[str, Any], transform: ImageTransform, seed: int, epoch: int, train: bool
 ) -> dict[str, Any]:
-    """Image → normalised tensor; text → one caption. Randomness comes from the sample's key and the
-    epoch, not from the order, so a resumed run draws exactly what an uninterrupted one would."""
-    rng = derive_seed(seed, "sample", epoch, sample["key"])
-    if train:
-        with torch.random.fork_rng(devices=[]):  # leave the process's own generator alone
-            torch.manual_seed(rng)
-            sample["pixel_values"] = transform(sample.pop("image"))
-    else:
-        sample["pixel_values"] = transform(sample.pop("image"))
+    """Image → uint8 tensor; text → one caption. Randomness comes from the sample's key and the epoch,
+    not from the order, so a resumed run draws exactly what an uninterrupted one would."""
+    draw = derive_seed(seed, "sample", epoch, sample["key"])
+    sample["pixel_values"] = transform(sample.pop("image"), random.Random(draw))
     captions = sample.get("meta", {}).get("captions") or ([sample["text"]] if "text" in sample else [])
     if captions:
-        sample["text"] = captions[rng % len(captions)] if train else captions[0]
+        sample["text"] = captions[draw % len(captions)] if train else captions[0]
         sample["captions"] = captions
     return sample
 
@@ -249,14 +241,18 @@ def batched(
 
 
 class Collate:
-    """Stacks images; tokenises texts with the model's tokenizer (once per batch, fast)."""
+    """Stacks and normalises images (the processor's mean and std) and tokenises texts with the
+    model's tokenizer, once per batch."""
 
-    def __init__(self, tokenizer: Any, max_length: int, with_text: bool) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, with_text: bool, processor: Any) -> None:
         self.tokenizer, self.max_length, self.with_text = tokenizer, max_length, with_text
+        self.mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1) * 255
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        pixels = torch.stack([s["pixel_values"] for s in samples]).float()
         batch: dict[str, Any] = {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "pixel_values": pixels.sub_(self.mean).div_(self.std),
             "keys": [s["key"] for s in samples],
             "skipped": sum(s.get("skipped", 0) for s in samples),
             "valid": torch.tensor([s.get("valid", True) and not s.get("substitute", False) for s in samples]),
@@ -277,30 +273,55 @@ class Collate:
         )
 
 
-def image_transform(processor: Any, train: bool, cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """CLIP preprocessing from the model's own processor values: resize the short side, centre crop,
-    normalise (train: optionally a random resized crop and flips instead)."""
-    size = processor.size.get("shortest_edge") or min(processor.size.values())
-    crop = (processor.crop_size["height"], processor.crop_size["width"])
-    steps: list[Any] = [T.ToImage()]
-    if train and cfg.random_crop:
-        steps.append(
-            T.RandomResizedCrop(
-                crop,
-                scale=(cfg.crop_scale_min, 1.0),
-                interpolation=T.InterpolationMode.BICUBIC,
-                antialias=True,
-            )
-        )
-    else:
-        steps += [
-            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(crop),
-        ]
-    if train and cfg.hflip:
-        steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(processor.image_mean, processor.image_std)]
-    return T.Compose(steps)
+@dataclass(frozen=True)
+class ImageTransform:
+    """CLIP preprocessing with the model's own processor values, done in PIL as CLIPImageProcessor does
+    it: the short side resized (bicubic) to `size`, then a centre crop; for training optionally a
+    random resized crop (torchvision's recipe) and horizontal flips, drawn from the sample's own
+    generator. Gives uint8 CHW: Collate normalises whole batches at once (per image it cost more than
+    the resize)."""
+
+    size: int
+    crop: tuple[int, int]  # height, width
+    random_crop: bool = False
+    scale_min: float = 0.8
+    hflip: bool = False
+
+    @classmethod
+    def of(cls, processor: Any, cfg: DataConfig, train: bool) -> ImageTransform:
+        size = processor.size.get("shortest_edge") or min(processor.size.values())
+        crop = (processor.crop_size["height"], processor.crop_size["width"])
+        if not train:
+            return cls(size, crop)
+        return cls(size, crop, cfg.random_crop, cfg.crop_scale_min, cfg.hflip)
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        ch, cw = self.crop
+        if self.random_crop:
+            image = image.resize((cw, ch), Image.Resampling.BICUBIC, box=self._random_box(image.size, rng))
+        else:
+            w, h = image.size
+            scale = self.size / min(w, h)
+            w, h = max(cw, round(w * scale)), max(ch, round(h * scale))
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+            left, top = round((w - cw) / 2), round((h - ch) / 2)
+            image = image.crop((left, top, left + cw, top + ch))
+        if self.hflip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+    def _random_box(self, size: tuple[int, int], rng: random.Random) -> tuple[int, int, int, int]:
+        """torchvision's RandomResizedCrop box: area fraction in [scale_min, 1], aspect in [3/4, 4/3]."""
+        w, h = size
+        for _ in range(10):
+            area = w * h * rng.uniform(self.scale_min, 1.0)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+                return left, top, left + cw, top + ch
+        side = min(w, h)
+        return (w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side
 
 
 class TrainEpoch(IterableDataset):
@@ -315,7 +336,7 @@ class TrainEpoch(IterableDataset):
         start: int,
         cfg: DataConfig,
         seed: int,
-        transform: Callable,
+        transform: ImageTransform,
         collate: Collate,
     ) -> None:
         super().__init__()
@@ -358,7 +379,7 @@ class EvalData(IterableDataset):
         workers: int,
         rank: int,
         batch: int,
-        transform: Callable,
+        transform: ImageTransform,
         collate: Collate,
     ) -> None:
         super().__init__()
@@ -462,8 +483,8 @@ class TrainData:
                 f"an epoch gives each rank {self.layout.micro_batches} micro-batches, fewer than train.grad_accum={accum}: "
                 "lower grad_accum or the batch size"
             )
-        self.train_transform = image_transform(processor, True, cfg)
-        self.eval_transform = image_transform(processor, False, cfg)
+        self.train_transform = ImageTransform.of(processor, cfg, train=True)
+        self.eval_transform = ImageTransform.of(processor, cfg, train=False)
 
     @property
     def micro_per_epoch(self) -> int:

@@ -113,6 +113,12 @@ def ds_config(ds: DeepSpeedConfig, optim: OptimConfig, sizes: BatchSizes, on_cud
     if ds.precision == "fp16" and not on_cuda:
         raise UserError("deepspeed.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if not on_cuda and ds.zero_stage in (1, 2):
+        # Without CUDA streams nothing overlaps, and gloo gains nothing from reduce-scatter: off, they
+        # trim ZeRO-2's step overhead over a bare loop (bench/train_overhead.py). Not
+        # contiguous_gradients=false: in DeepSpeed 0.19.7 it makes 2-rank ZeRO-2 diverge from ZeRO-0
+        # (loss off by 0.05 after 10 steps; tests/test_trainer_system.py would catch it).
+        zero.update(overlap_comm=False, reduce_scatter=False)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
     if ds.offload_param:
@@ -145,8 +151,18 @@ def ds_config(ds: DeepSpeedConfig, optim: OptimConfig, sizes: BatchSizes, on_cud
         }
     for key, value in ds.overrides.items():
         log.info("deepspeed.overrides: %s = %r", key, value)
-        config[key] = value
-    return config
+    return _deep_merge(config, ds.overrides)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
 
 
 def freeze(model: CLIPFineTuner, cfg: ModelConfig) -> None:

@@ -70,7 +70,7 @@ def train(cfg: TrainConfig) -> int:
         model = build_finetuner(cfg.model, source)
         tokenizer, processor = load_processors(source)
         max_length = model.clip.config.text_config.max_position_embeddings
-        collate = Collate(tokenizer, max_length, with_text=cfg.train.objective == "contrastive")
+        collate = Collate(tokenizer, max_length, cfg.train.objective == "contrastive", processor)
         data = TrainData(
             cfg.data,
             manifest,
@@ -276,7 +276,7 @@ class Loop:
         flags = torch.tensor(
             [float(not torch.isfinite(loss)), float(self.signals.requested)], device=self.device
         )
-        if dist.is_initialized():
+        if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop = bool(flags[1] > 0)
         if flags[0] > 0:
@@ -313,7 +313,7 @@ class Loop:
             return classification_loss(
                 image, text, scale, labels, len(self.cfg.train.class_templates)
             ), float(scale)
-        return contrastive_loss(image, text, scale), float(scale)
+        return contrastive_loss(image, text, scale), float(scale.detach())
 
     def sync_counters(self) -> None:
         """Sum the undecodable-sample counts over ranks; too many stops the run."""
