@@ -71,13 +71,14 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 def progress(total: int | None, desc: str, unit: str, enabled: bool = True, **kwargs: Any) -> tqdm:
-    """A tqdm bar with a rate in `unit`/s; redraws rarely when stderr is a log file, not a terminal."""
+    """A tqdm bar with a rate in `unit`/s, on a terminal only: in a log file (Slurm, CI) the jobs write
+    plain log lines instead."""
     interactive = sys.stderr.isatty()
     return tqdm(
         total=total,
         desc=desc,
         unit=unit,
-        disable=not enabled,
+        disable=not (enabled and interactive),
         mininterval=0.5 if interactive else 10.0,
         dynamic_ncols=interactive,
         file=sys.stderr,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from plumbing.config import load_config, to_yaml
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Rust tokenizers warn (and may deadlock) when the loader forks workers after they ran threads.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed 0.19 still calls torch.distributed's old collective names: one warning per call.
+    warnings.filterwarnings("ignore", message=r".*is deprecated. Please use .*", category=FutureWarning)
     rank = 0
     try:
         rank = DistInfo.from_env().rank

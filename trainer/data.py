@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -428,6 +429,13 @@ def _pad(samples: Iterator[dict[str, Any]], length: int) -> Iterator[dict[str, A
         yield {**last, "valid": False}
 
 
+def _ignore_stop_signals(_worker: int) -> None:
+    """Slurm signals every process of a step: loader workers leave USR1/TERM to the trainer, which
+    finishes its step and checkpoints (workers end with it; killed, they would crash that step)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def loader(dataset: IterableDataset, workers: int, pin: bool) -> DataLoader:
     return DataLoader(
         dataset,
@@ -436,6 +444,7 @@ def loader(dataset: IterableDataset, workers: int, pin: bool) -> DataLoader:
         pin_memory=pin,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=_ignore_stop_signals if workers else None,
     )
 
 

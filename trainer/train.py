@@ -62,6 +62,7 @@ def train(cfg: TrainConfig) -> int:
             info.rank,
             device,
         )
+        log.info("ranks by node: %s", ranks_by_node(info))
         manifest = check_data(cfg, info)  # 1. the data, checked before anything heavy
         if info.is_main:
             save_config(cfg, run.config)
@@ -128,6 +129,16 @@ def train(cfg: TrainConfig) -> int:
             monitor.close()
         teardown(engine)
         destroy_process_group()
+
+
+def ranks_by_node(info: DistInfo) -> str:
+    names: list[str] = [info.node_name] * info.world_size
+    if dist.is_initialized() and info.world_size > 1:
+        dist.all_gather_object(names, info.node_name)
+    by_node: dict[str, list[int]] = {}
+    for rank, name in enumerate(names):
+        by_node.setdefault(name, []).append(rank)
+    return "; ".join(f"{name}: {','.join(map(str, ranks))}" for name, ranks in by_node.items())
 
 
 def check_data(cfg: TrainConfig, info: DistInfo) -> Manifest:
@@ -340,7 +351,7 @@ class Loop:
     def preempted(self) -> int:
         self.save()
         since = time.monotonic() - (self.signals.received_at or time.monotonic())
-        log.warning(
+        log.info(
             "stop signal: checkpoint %s written %.1f s after the signal; exiting %d",
             self.last_checkpoint,
             since,
@@ -383,7 +394,7 @@ class StopSignals:
     def _handle(self, signum: int, _frame: Any) -> None:
         if not self.requested:
             self.received_at = time.monotonic()
-            log.warning("received %s: checkpointing after this step", signal.Signals(signum).name)
+            log.info("received %s: checkpointing after this step", signal.Signals(signum).name)
         self.requested = True
 
 

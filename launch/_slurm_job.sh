@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The body of launch/flickr8k.sbatch and launch/cifar10.sbatch (they set CONFIG and exec this).
+# One Slurm task per GPU: srun starts the trainer once per GPU on every node, and the trainer takes
+# its rank from SLURM_PROCID (plumbing/dist.py). Rendezvous at the first node of the allocation.
+#
+# Environment overrides:
+#   CONFIG=configs/…yaml   the training config          RUN_NAME=name   → run.dir=runs/<name> (default: the config's)
+#   OVERRIDES="k=v k=v"    extra config overrides         PROCS_PER_NODE  trainer processes per node
+#   PYTHON=…               interpreter (default .venv/bin/python, else python3)
+#   DRY_RUN=1              print what would run, run nothing
+#
+# Preemption: Slurm sends USR1 to this shell (#SBATCH --signal=B:USR1@…) ahead of the time limit,
+# and scancel/preemption send TERM. The trap hands the signal to srun, which forwards it to every
+# trainer; they finish the current step, checkpoint, and exit 75. This script then requeues the job
+# (#SBATCH --requeue), and the rerun resumes from that checkpoint (resume=auto). A job that ends
+# without a signal is not requeued: its exit code is the trainers'.
+set -uo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
+
+CONFIG=${CONFIG:?set CONFIG}
+RUN_NAME=${RUN_NAME:-}
+OVERRIDES=${OVERRIDES:-}
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+NODES=${SLURM_JOB_NUM_NODES:-1}
+PROCS_PER_NODE=${PROCS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}}
+PROCS_PER_NODE=${PROCS_PER_NODE%%(*}  # "2(x2)" → 2
+WORLD=$((NODES * PROCS_PER_NODE))
+HEAD=$( { scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null || true; } | head -n 1)
+export MASTER_ADDR=${MASTER_ADDR:-${HEAD:-127.0.0.1}}
+export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# shellcheck disable=SC2206  # OVERRIDES is a list of key=value words
+ARGS=(--config "$CONFIG" ${RUN_NAME:+"run.dir=runs/$RUN_NAME"} $OVERRIDES)
+SRUN=(srun --nodes="$NODES" --ntasks-per-node="$PROCS_PER_NODE" --kill-on-bad-exit=1 "$PYTHON" -m trainer "${ARGS[@]}")
+
+echo "job ${SLURM_JOB_ID:-none} on ${SLURM_JOB_NODELIST:-no allocation}: $NODES nodes × $PROCS_PER_NODE processes = world size $WORLD; head $MASTER_ADDR:$MASTER_PORT; SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}"
+if [ -n "${DRY_RUN:-}" ]; then
+  echo "would run: $PYTHON -m trainer --check --world-size $WORLD ${ARGS[*]}"
+  echo "would run: ${SRUN[*]}"
+  exit 0
+fi
+
+# Everything a run needs, checked once here: a bad config or shard layout is one line, not N tracebacks.
+"$PYTHON" -m trainer --check --world-size "$WORLD" "${ARGS[@]}" || exit $?
+
+signalled=""
+forward() {
+  signalled=$1
+  echo "$(date +%T) batch script got $1: asking the trainers to checkpoint"
+  kill -USR1 "$pid" 2>/dev/null
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+"${SRUN[@]}" &
+pid=$!
+while :; do  # `wait` returns early when a trapped signal arrives: wait again for srun itself
+  wait "$pid"
+  code=$?
+  kill -0 "$pid" 2>/dev/null || break
+done
+echo "$(date +%T) trainers exited with $code"
+
+# After a forwarded signal the trainers exit 75 once their checkpoint is written (srun may report
+# 143: --kill-on-bad-exit terminates the ranks still tearing down). Anything but a finished run (0)
+# goes back to the queue; the rerun resumes from the newest complete checkpoint.
+if [ -n "$signalled" ] && [ "$code" != 0 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  echo "$(date +%T) stopped after $signalled: requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$code"

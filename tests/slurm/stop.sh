@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Stop the local Slurm that tests/slurm/start.sh started (only the daemons whose pid files it wrote).
+DIR=${CLIP_SLURM_DIR:-/tmp/clip-harness-slurm}
+for pidfile in "$DIR"/slurmd-node1.pid "$DIR"/slurmd-node2.pid "$DIR"/slurmctld.pid; do
+  if [ -f "$pidfile" ]; then
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null && for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    rm -f "$pidfile"
+  fi
+done
+echo "local Slurm stopped"

@@ -1,0 +1,220 @@
+"""The launchers as users run them: sbatch on a real (local, 2-node) Slurm, and torchrun.sh."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import env, run, scalars
+
+SLURM_CONF = os.environ.get("SLURM_CONF", "/tmp/clip-harness-slurm/slurm.conf")
+
+
+def slurm_ready() -> str:
+    """Empty when the local cluster answers; else why not."""
+    if not shutil.which("sbatch"):
+        return "Slurm is not installed: `bash tests/slurm/start.sh` installs and starts it (root + apt); .ci/run does"
+    if not Path(SLURM_CONF).is_file():
+        return (
+            f"no local Slurm ({SLURM_CONF}): start it with `bash tests/slurm/start.sh` (root); .ci/run does"
+        )
+    ping = subprocess.run(
+        ["scontrol", "ping"], capture_output=True, text=True, env=env(SLURM_CONF=SLURM_CONF)
+    )
+    return (
+        ""
+        if "UP" in ping.stdout
+        else f"slurmctld does not answer: {ping.stdout.strip()} {ping.stderr.strip()}"
+    )
+
+
+slurm = pytest.mark.skipif(bool(slurm_ready()), reason=slurm_ready() or "ok")
+
+
+def sbatch(script: str, out: Path, overrides: list[str], *options: str, config: str) -> str:
+    proc = run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--output={out}/%x-%j.out",
+            "--time=10",
+            "--cpus-per-task=1",
+            *options,
+            script,
+        ],
+        SLURM_CONF=SLURM_CONF,
+        CONFIG=config,
+        OVERRIDES=" ".join(overrides),
+    )
+    return proc.stdout.strip().split(";")[0]
+
+
+def job(jobid: str) -> dict[str, str]:
+    proc = subprocess.run(
+        ["scontrol", "show", "job", jobid], capture_output=True, text=True, env=env(SLURM_CONF=SLURM_CONF)
+    )
+    return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
+
+
+def wait_for(
+    jobid: str,
+    done: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+    timeout: float = 300,
+) -> dict[str, str]:
+    """Poll the controller every 0.5 s (`sbatch --wait` polls at 2, 10, 42, 74 s)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job(jobid)
+        if info.get("JobState") in done:
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"job {jobid} still {job(jobid).get('JobState')} after {timeout} s")
+
+
+def log_of(out: Path, name: str, jobid: str) -> str:
+    return (out / f"{name}-{jobid}.out").read_text()
+
+
+def flickr_overrides(manifest: Path, run_dir: Path, epochs: int) -> list[str]:
+    return [
+        f"data.manifest={manifest}",
+        f"run.dir={run_dir}",
+        f"train.epochs={epochs}",
+        "train.batch_size=8",
+        "data.workers=1",
+        "run.log_every=1",
+        "eval.every_epochs=0",
+        "optim.warmup_steps=5",
+    ]
+
+
+@slurm
+@pytest.mark.slurm
+def test_flickr8k_sbatch_trains_across_two_nodes(small_data: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    jobid = sbatch(
+        "launch/flickr8k.sbatch",
+        tmp_path,
+        flickr_overrides(small_data["flickr8k"], run_dir, 2),
+        "--ntasks-per-node=2",
+        config="configs/demo-flickr8k.yaml",
+    )
+    info = wait_for(jobid)
+    log = log_of(tmp_path, "clip-flickr8k", jobid)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "2 nodes × 2 processes = world size 4" in log
+    assert "ranks by node: node1: 0,1; node2: 2,3" in log
+    assert (run_dir / "export" / "heads.safetensors").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == [
+        "step-00000004",
+        "step-00000008",
+    ]
+    assert max(scalars(run_dir / "tensorboard", "train/loss")) == 8
+
+
+@slurm
+@pytest.mark.slurm
+def test_preemption_checkpoints_requeues_and_resumes_without_retraining_a_step(
+    small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    epochs, per_epoch = 8, 4  # 128 samples / (4 ranks × 8)
+    jobid = sbatch(
+        "launch/flickr8k.sbatch",
+        tmp_path,
+        flickr_overrides(small_data["flickr8k"], run_dir, epochs),
+        "--ntasks-per-node=2",
+        config="configs/demo-flickr8k.yaml",
+    )
+    logfile = tmp_path / f"clip-flickr8k-{jobid}.out"
+    deadline = time.time() + 240
+    while not (logfile.exists() and "step 5 loss" in logfile.read_text()):
+        assert time.time() < deadline and job(jobid)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), (
+            logfile.read_text()[-2000:] if logfile.exists() else job(jobid)
+        )
+        time.sleep(0.2)
+    # What `#SBATCH --signal=B:USR1@120` does ahead of the time limit, sent now rather than waited for.
+    run(["scancel", "--signal=USR1", "--batch", jobid], SLURM_CONF=SLURM_CONF)
+    deadline = time.time() + 240
+    while job(jobid).get("Restarts", "0") == "0":
+        assert time.time() < deadline, logfile.read_text()[-3000:]
+        time.sleep(0.5)
+    run(
+        ["scontrol", "update", f"jobid={jobid}", "StartTime=now"], SLURM_CONF=SLURM_CONF, check=False
+    )  # skip the requeue delay
+    info = wait_for(jobid)
+    log = logfile.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    stopped = int(re.search(r"checkpoint \S+step-(\d+) written ([\d.]+) s after the signal", log).group(1))
+    assert "SLURM_RESTART_COUNT=1" in log and f"resumed from {run_dir}/checkpoints/step-{stopped:08d}" in log
+    steps = [int(s) for s in re.findall(r"\] step (\d+) loss", log)]
+    assert steps == list(range(1, epochs * per_epoch + 1)), steps  # each step exactly once, in order
+    assert max(scalars(run_dir / "tensorboard", "train/loss")) == epochs * per_epoch
+
+
+@slurm
+@pytest.mark.slurm
+def test_cifar10_sbatch_on_one_node(small_data: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"data.manifest={small_data['cifar10']}",
+        f"run.dir={run_dir}",
+        "train.epochs=1",
+        "train.batch_size=16",
+        "data.workers=1",
+    ]
+    jobid = sbatch(
+        "launch/cifar10.sbatch",
+        tmp_path,
+        overrides,
+        "--ntasks-per-node=2",
+        config="configs/demo-cifar10.yaml",
+    )
+    info = wait_for(jobid)
+    log = log_of(tmp_path, "clip-cifar10", jobid)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "1 nodes × 2 processes = world size 2" in log and "eval after epoch 1" in log
+    assert (run_dir / "export" / "model.safetensors").is_file()
+
+
+def test_sbatch_dry_run_prints_what_would_run() -> None:
+    proc = run(
+        ["bash", "launch/flickr8k.sbatch"],
+        DRY_RUN="1",
+        RUN_NAME="try",
+        OVERRIDES="train.epochs=1",
+        PYTHON="python3",
+    )
+    assert (
+        "would run: python3 -m trainer --check --world-size 1 --config configs/flickr8k.yaml run.dir=runs/try train.epochs=1"
+        in proc.stdout
+    )
+    assert (
+        "would run: srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=1 python3 -m trainer" in proc.stdout
+    )
+
+
+@pytest.mark.system
+def test_torchrun_script_trains_with_two_processes(small_data: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run(
+        [
+            "bash",
+            "launch/torchrun.sh",
+            f"data.manifest={small_data['cifar10']}",
+            f"run.dir={run_dir}",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "data.workers=1",
+        ],
+        CONFIG="configs/demo-cifar10.yaml",
+    )
+    assert proc.stdout.startswith("ok: 320 train samples; 2 ranks")
+    assert "single" not in proc.stderr and "torchrun launch: 2 ranks" in proc.stderr
+    assert (run_dir / "export" / "finetuner.json").is_file()
