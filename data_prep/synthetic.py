@@ -28,10 +28,10 @@ from PIL import Image, ImageDraw
 from data_prep.cifar10 import ARCHIVE, FOLDER
 from data_prep.flickr8k import SPLIT_FILES, TOKEN_FILE
 from data_prep.pickles import py2_pickle
-from data_prep.shards import MODE, MTIME
 from plumbing.errors import UserError
 from plumbing.files import atomic_write_bytes, atomic_write_json, file_digests, read_json
 from plumbing.seeds import derive_seed
+from plumbing.tars import MODE, MTIME
 
 CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGES_ZIP = "Flickr8k_Dataset.zip"

@@ -12,7 +12,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from plumbing.errors import UserError
 
@@ -32,6 +32,8 @@ class DistInfo:
     master_port: int
     launcher: str  # "single", "torchrun" or "slurm"
     node_name: str
+    array_index: int = 0  # Slurm job arrays: this task's place among the array's tasks
+    array_count: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -41,15 +43,22 @@ class DistInfo:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def work_slice(self) -> tuple[int, int]:
+        """(index, count) of this process among all that share a bulk job: array tasks × ranks."""
+        return self.array_index * self.world_size + self.rank, self.array_count * self.world_size
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DistInfo:
         env = os.environ if env is None else env
         node_name = env.get("SLURMD_NODENAME") or socket.gethostname()
         if any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
-            return cls._torchrun(env, node_name)
-        if "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-            return cls._slurm(env, node_name)
-        return cls(0, 1, 0, 1, 0, 1, "127.0.0.1", 0, "single", node_name)
+            info = cls._torchrun(env, node_name)
+        elif "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+            info = cls._slurm(env, node_name)
+        else:
+            info = cls(0, 1, 0, 1, 0, 1, "127.0.0.1", 0, "single", node_name)
+        return replace(info, **_array(env))
 
     @classmethod
     def _torchrun(cls, env: Mapping[str, str], node_name: str) -> DistInfo:
@@ -98,6 +107,20 @@ class DistInfo:
             "slurm",
             node_name,
         )
+
+
+def _array(env: Mapping[str, str]) -> dict[str, int]:
+    """A Slurm job array task (sbatch --array=0-7): its index among the array's tasks."""
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return {}
+    task = _int(env, "SLURM_ARRAY_TASK_ID")
+    low, step = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
+    high = int(env.get("SLURM_ARRAY_TASK_MAX", task))
+    count = int(env.get("SLURM_ARRAY_TASK_COUNT") or (high - low) // step + 1)
+    index = (task - low) // step
+    if not 0 <= index < count:
+        raise UserError(f"SLURM_ARRAY_TASK_ID={task} is outside the array's {count} tasks from {low}")
+    return {"array_index": index, "array_count": count}
 
 
 def _require(env: Mapping[str, str], names: tuple[str, ...], launcher: str) -> None:

@@ -218,3 +218,41 @@ def test_torchrun_script_trains_with_two_processes(small_data: dict[str, Path], 
     assert proc.stdout.startswith("ok: 320 train samples; 2 ranks")
     assert "single" not in proc.stderr and "torchrun launch: 2 ranks" in proc.stderr
     assert (run_dir / "export" / "finetuner.json").is_file()
+
+
+@slurm
+@pytest.mark.slurm
+def test_sample_sbatch_array_splits_the_images_and_merges_one_manifest(tmp_path: Path) -> None:
+    from sampler.tiny import TinyDiffusionConfig, build_tiny_diffusion
+    from trainer.tiny import TinyConfig
+
+    model = tmp_path / "tiny-diffusion"
+    build_tiny_diffusion(model, TinyDiffusionConfig(), TinyConfig(image_size=64, patch_size=8))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(6)))
+    out = tmp_path / "out"
+    overrides = [
+        f"model={model}",
+        "preset=''",
+        f"prompts=[{prompts}]",
+        f"out_dir={out}",
+        "steps=3",
+        "batch_size=2",
+    ]
+    jobid = sbatch(
+        "launch/sample.sbatch",
+        tmp_path,
+        overrides,
+        "--array=0-1",
+        "--ntasks-per-node=1",
+        "--output=" + str(tmp_path / "%x-%A_%a.out"),
+        config="configs/sample.yaml",
+    )
+    for task in (0, 1):
+        info = wait_for(f"{jobid}_{task}")
+        assert info["JobState"] == "COMPLETED", (tmp_path / f"clip-sample-{jobid}_{task}.out").read_text()[
+            -3000:
+        ]
+    records = (out / "manifest.jsonl").read_text().splitlines()
+    assert len(records) == 6
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["a0000-r0000.jsonl", "a0001-r0000.jsonl"]

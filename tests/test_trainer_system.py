@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.shards import end_of_archive, tar_member
 from plumbing.files import sha256_file
+from plumbing.tars import end_of_archive, tar_member
 from tests.helpers import PY, run, scalars, tags, torchrun, trainer_args
 
 pytestmark = pytest.mark.system

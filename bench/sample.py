@@ -1,0 +1,96 @@
+"""Benchmark: the sampler's pipeline against diffusers' StableDiffusionPipeline on the same components,
+prompts, seeds, batch and steps, in the same run; and batch 1 against batch 8.
+
+    python -m bench.sample [--model DIR] [--steps 20] [--repeat 5]
+
+Default components: the tiny offline set (built in a temporary folder). Target (issue #5): ≥ 0.97 of
+the direct pipeline's images/s. Calls alternate and the median counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sampler.pipeline import LatentDiffusion, Request, load_components
+from sampler.tiny import TinyDiffusionConfig, build_tiny_diffusion
+from trainer.tiny import TinyConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="", help="a diffusers folder (default: the tiny set)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args()
+    from diffusers import StableDiffusionPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(Path(tmp) / "tiny")
+        if not args.model:
+            build_tiny_diffusion(Path(model), TinyDiffusionConfig(), TinyConfig(image_size=64, patch_size=8))
+        ours = LatentDiffusion(
+            load_components(model, None, "ddim", "cpu", torch.float32), "cpu", torch.float32
+        )
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model, safety_checker=None, requires_safety_checker=False
+        )
+        pipe.set_progress_bar_config(disable=True)
+
+        def request(batch: int) -> Request:
+            prompts = [f"a red circle number {i}" for i in range(batch)]
+            return Request(prompts, [""] * batch, list(range(batch)), args.steps, 7.5, args.size, args.size)
+
+        def run_ours(batch: int) -> None:
+            ours(request(batch))
+
+        def run_pipe(batch: int) -> None:
+            r = request(batch)
+            gens = [torch.Generator().manual_seed(s) for s in r.seeds]
+            pipe(
+                r.prompts,
+                negative_prompt=r.negative_prompts,
+                generator=gens,
+                num_inference_steps=r.steps,
+                guidance_scale=r.guidance_scale,
+                height=r.height,
+                width=r.width,
+                output_type="np",
+            )
+
+        times: dict[str, list[float]] = {"ours-8": [], "pipe-8": [], "ours-1": []}
+        runners = {
+            "ours-8": lambda: run_ours(8),
+            "pipe-8": lambda: run_pipe(8),
+            "ours-1": lambda: run_ours(1),
+        }
+        for fn in runners.values():
+            fn()  # warm-up
+        for _ in range(args.repeat):
+            for name, fn in runners.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    rate = {name: (8 if name.endswith("-8") else 1) / statistics.median(t) for name, t in times.items()}
+    print(
+        f"images/s, {args.size}×{args.size}, {args.steps} DDIM steps, guidance on, CPU fp32 (median of {args.repeat})"
+    )
+    print(f"  {'StableDiffusionPipeline, batch 8':34s} {rate['pipe-8']:8.2f}   1.00")
+    print(
+        f"  {'sampler pipeline, batch 8':34s} {rate['ours-8']:8.2f}   {rate['ours-8'] / rate['pipe-8']:.3f}   (target >= 0.97)"
+    )
+    print(
+        f"  {'sampler pipeline, batch 1':34s} {rate['ours-1']:8.2f}   {rate['ours-1'] / rate['ours-8']:.3f} of batch 8"
+    )
+
+
+if __name__ == "__main__":
+    main()

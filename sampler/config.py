@@ -1,0 +1,74 @@
+"""SampleConfig: one typed config for a bulk sampling job. Stored beside its outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from plumbing.config import require
+from sampler.pipeline import SCHEDULERS
+from sampler.tiny import TinyDiffusionConfig
+from trainer.tiny import TinyConfig
+
+
+@dataclass
+class SampleConfig:
+    model: str = MISSING
+    """Diffusers model folder or hub id (e.g. CompVis/stable-diffusion-v1-4): unet/, vae/, scheduler/, text_encoder/, tokenizer/."""
+    preset: str = ""
+    """"tiny": build the tiny random-init components into `model` (if missing) and load them from there."""
+    tiny: TinyDiffusionConfig = field(default_factory=TinyDiffusionConfig)
+    tiny_clip: TinyConfig = field(default_factory=TinyConfig)
+    """The tiny text encoder's shape: keep it equal to the trainer's model.tiny so its export fits."""
+    text_encoder: str = ""
+    """A trainer export (its text_encoder/ and tokenizer/) to condition on instead of the model's own."""
+    prompts: list[str] = MISSING
+    """Prompt files or globs (.txt: a prompt per line; .jsonl: objects with "prompt" and options)."""
+    out_dir: str = MISSING
+    """Output folder: images/, manifest.jsonl, contact_sheet.png, tensorboard/, config.yaml."""
+    batch_size: int = 4
+    """Images per forward pass (items with equal steps, guidance and size share batches)."""
+    seed: int = 0
+    """Global seed; an item's seed is derived from it and the item's id unless the item gives one."""
+    steps: int = 25
+    """Denoising steps (a .jsonl item may set its own)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale; <= 1 turns guidance off."""
+    negative_prompt: str = ""
+    """Default negative prompt."""
+    num_images: int = 1
+    """Images per prompt (a .jsonl item may set its own)."""
+    height: int = 0
+    """Image height; 0: the U-Net's native size."""
+    width: int = 0
+    """Image width; 0: the U-Net's native size."""
+    scheduler: str = "ddim"
+    """ddim, pndm, euler, euler_a (ancestral) or dpmpp (DPM-Solver++)."""
+    dtype: str = "auto"
+    """auto (fp32 on CPU, fp16 on CUDA), fp32, fp16 or bf16."""
+    attention: str = "sdpa"
+    """"sdpa" (PyTorch scaled_dot_product_attention) or "eager"."""
+    compile: bool = False
+    """torch.compile the U-Net (pays off for long jobs on GPUs)."""
+    skip_bad_lines: bool = False
+    """Record and skip malformed prompt lines instead of stopping at the first."""
+    contact_sheet: int = 64
+    """Images in the contact-sheet grid (0: none)."""
+    tensorboard: bool = True
+    """Log the contact sheet and a few images to out_dir/tensorboard."""
+    webdataset: bool = False
+    """Also pack the images with their records into WebDataset tars (out_dir/shards/)."""
+    clip_score: str = ""
+    """A CLIP folder or trainer export to score each image against its prompt (0-100, CLIPScore)."""
+
+    def __post_init__(self) -> None:
+        require(self.preset in ("", "tiny"), self, "preset", '"" or "tiny"')
+        require(self.batch_size >= 1, self, "batch_size", "an int >= 1")
+        require(self.steps >= 1, self, "steps", "an int >= 1")
+        require(self.num_images >= 1, self, "num_images", "an int >= 1")
+        require(self.height >= 0 and self.width >= 0, self, "height", "a size >= 0 (0: native)")
+        require(self.scheduler in SCHEDULERS, self, "scheduler", " or ".join(SCHEDULERS))
+        require(self.dtype in ("auto", "fp32", "fp16", "bf16"), self, "dtype", "auto, fp32, fp16 or bf16")
+        require(self.attention in ("sdpa", "eager"), self, "attention", '"sdpa" or "eager"')
+        require(self.contact_sheet >= 0, self, "contact_sheet", "an int >= 0")

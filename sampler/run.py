@@ -1,0 +1,313 @@
+"""`sample(cfg)`: plan the images, skip those already made, generate this process's share in batches,
+save each one, merge the manifest. Under torchrun/srun each rank takes every n-th image; a Slurm
+array task takes its slice of those; any of them may be killed and rerun."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from plumbing.config import save_config, to_dict
+from plumbing.dist import DistInfo, destroy_process_group, init_process_group
+from plumbing.files import atomic_write_json, tree_digest
+from plumbing.logs import progress, setup_logging
+from sampler.config import SampleConfig
+from sampler.output import OutputFolder
+from sampler.pipeline import LatentDiffusion, Request, load_components, resolve_dtype
+from sampler.prompts import Defaults, Item, image_seed, read_prompts
+from sampler.tiny import build_tiny_diffusion, is_built
+
+log = logging.getLogger("sampler")
+
+
+@dataclass(frozen=True)
+class Job:
+    item: Item
+    k: int
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.item.id, self.k
+
+    @property
+    def settings(self) -> tuple[int, float, int, int]:
+        """Images that agree on these can share a forward pass."""
+        return self.item.steps, self.item.guidance_scale, self.item.height, self.item.width
+
+
+def sample(cfg: SampleConfig) -> int:
+    info = DistInfo.from_env()
+    setup_logging(info.rank)
+    device = init_process_group(info)
+    try:
+        return _sample(cfg, info, device)
+    finally:
+        destroy_process_group()
+
+
+def _sample(cfg: SampleConfig, info: DistInfo, device: str) -> int:
+    out = OutputFolder(Path(cfg.out_dir))
+    model = ensure_model(cfg, info)
+    dtype = resolve_dtype(cfg.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    parts = load_components(model, cfg.text_encoder or None, cfg.scheduler, device, dtype)
+    if cfg.attention == "eager":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        parts.unet.set_attn_processor(AttnProcessor())
+    if cfg.compile:
+        parts = type(parts)(
+            parts.tokenizer, parts.text_encoder, torch.compile(parts.unet), parts.vae, parts.scheduler
+        )
+    pipe = LatentDiffusion(parts, device, dtype)
+    size = pipe.default_size
+    defaults = Defaults(
+        cfg.seed,
+        cfg.negative_prompt,
+        cfg.num_images,
+        cfg.guidance_scale,
+        cfg.steps,
+        cfg.height or size,
+        cfg.width or size,
+    )
+    prompts = read_prompts(list(cfg.prompts), defaults, cfg.skip_bad_lines)
+    for bad in prompts.skipped:
+        log.warning("skipped %s: %s", bad["line"], bad["reason"])
+    jobs = [Job(item, k, image_seed(item, k)) for item in prompts.items for k in range(item.num_images)]
+    if info.is_main:
+        out.prepare()
+        save_config(cfg, out.root / "config.yaml")
+    barrier()
+
+    done = out.records()
+    index, count = info.work_slice
+    mine = [
+        job for i, job in enumerate(sorted(jobs, key=lambda j: (j.settings, j.key))) if i % count == index
+    ]
+    todo = [job for job in mine if job.key not in done]
+    log.info(
+        "%d images requested, %d already done; this process (%d of %d) makes %d",
+        len(jobs),
+        len(jobs) - sum(j.key not in done for j in jobs),
+        index + 1,
+        count,
+        len(todo),
+    )
+    provenance = describe_models(model, cfg)
+    scorer = ClipScorer(cfg.clip_score, device) if cfg.clip_score else None
+    part = f"a{info.array_index:04d}-r{info.rank:04d}"
+    bar = progress(len(todo), "sample", "img", enabled=True)
+    for batch in batches(todo, cfg.batch_size):
+        first = batch[0].item
+        request = Request(
+            [j.item.prompt for j in batch],
+            [j.item.negative_prompt for j in batch],
+            [j.seed for j in batch],
+            first.steps,
+            first.guidance_scale,
+            first.height,
+            first.width,
+        )
+        result = pipe(request)
+        scores = scorer(result.images, request.prompts) if scorer else [None] * len(batch)
+        for job, image, score in zip(batch, result.images, scores):
+            path = out.image_path(job.item.id, job.k)
+            digest = out.save_image(image, path)  # 6. save: the image first, its record after
+            out.append(
+                part,
+                record(
+                    job,
+                    path,
+                    out.root,
+                    digest,
+                    result.seconds / len(batch),
+                    cfg,
+                    dtype_name,
+                    provenance,
+                    score,
+                ),
+            )
+        bar.update(len(batch))
+    bar.close()
+
+    barrier()
+    if info.rank == 0:  # every array task merges what exists; the last one to finish sees it all
+        merged = out.merge(job.key for job in jobs)
+        finish(out, merged, cfg, len(jobs), prompts.skipped)
+    return 0
+
+
+def batches(jobs: list[Any], size: int) -> list[list[Any]]:
+    """Consecutive jobs with equal settings, at most `size` together."""
+    groups: dict[tuple, list[Any]] = defaultdict(list)
+    for job in jobs:
+        groups[job.settings].append(job)
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
+def record(
+    job: Job,
+    path: Path,
+    root: Path,
+    digest: str,
+    seconds: float,
+    cfg: SampleConfig,
+    dtype: str,
+    provenance: dict[str, Any],
+    score: float | None,
+) -> dict[str, Any]:
+    item = job.item
+    out: dict[str, Any] = {
+        "id": item.id,
+        "k": job.k,
+        "prompt": item.prompt,
+        "negative_prompt": item.negative_prompt,
+        "seed": job.seed,
+        "item_seed": item.seed,
+        "steps": item.steps,
+        "guidance_scale": item.guidance_scale,
+        "width": item.width,
+        "height": item.height,
+        "scheduler": cfg.scheduler,
+        "dtype": dtype,
+        "source": item.source,
+        "file": path.relative_to(root.resolve()).as_posix(),
+        "sha256": digest,
+        "seconds": round(seconds, 4),
+        **provenance,
+    }
+    if score is not None:
+        out["clip_score"] = round(score, 4)
+    return out
+
+
+def ensure_model(cfg: SampleConfig, info: DistInfo) -> str:
+    """The model folder; the tiny preset is built there once, in a staging folder renamed into place."""
+    if cfg.preset != "tiny":
+        return cfg.model
+    folder = Path(cfg.model)
+    if info.is_main and not is_built(folder, cfg.tiny, cfg.tiny_clip):
+        staging = folder.with_name(f".{folder.name}.building-{id(cfg)}")
+        build_tiny_diffusion(staging, cfg.tiny, cfg.tiny_clip)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    barrier()
+    return str(folder)
+
+
+def describe_models(model: str, cfg: SampleConfig) -> dict[str, Any]:
+    """Paths and content hashes of the weights that made the images."""
+    out: dict[str, Any] = {"model": {"path": model, "sha256": _digest(model)}}
+    if cfg.text_encoder:
+        out["text_encoder"] = {"path": cfg.text_encoder, "sha256": _digest(cfg.text_encoder)}
+    return out
+
+
+def _digest(path: str) -> str:
+    folder = Path(path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path, local_files_only=True))
+    return tree_digest(folder, "**/*.safetensors")
+
+
+def finish(
+    out: OutputFolder,
+    merged: list[dict[str, Any]],
+    cfg: SampleConfig,
+    requested: int,
+    skipped: list[dict[str, str]],
+) -> None:
+    sheet = out.contact_sheet(merged, cfg.contact_sheet)
+    if cfg.tensorboard and merged:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out.root / "tensorboard"))
+        if sheet:
+            writer.add_image(
+                "contact_sheet", np.asarray(Image.open(sheet).convert("RGB")), 0, dataformats="HWC"
+            )
+        for r in merged[:16]:
+            writer.add_image(
+                f"images/{r['id']}_{r['k']}",
+                np.asarray(Image.open(out.root / r["file"]).convert("RGB")),
+                0,
+                dataformats="HWC",
+            )
+        writer.close()
+    if cfg.webdataset and merged:
+        out.shards(merged)
+    scores = [r["clip_score"] for r in merged if "clip_score" in r]
+    summary = {"requested": requested, "done": len(merged), "skipped_lines": skipped, "config": to_dict(cfg)}
+    if scores:
+        summary["clip_score"] = {"mean": sum(scores) / len(scores), "min": min(scores), "max": max(scores)}
+    atomic_write_json(out.root / "summary.json", summary)
+    line = f"{len(merged)} of {requested} images in {out.images}; manifest {out.root / 'manifest.jsonl'}"
+    if sheet:
+        line += f"; contact sheet {sheet}"
+    if scores:
+        line += f"; mean CLIP score {summary['clip_score']['mean']:.2f}"
+    print(line)
+
+
+class ClipScorer:
+    """CLIPScore (Hessel et al. 2021): 100 × max(cos(image, prompt), 0), with a plain CLIP folder or a
+    trainer export (then through its projection heads)."""
+
+    def __init__(self, path: str, device: str) -> None:
+        from trainer.model import HEADS_CONFIG, CLIPFineTuner, load_clip, load_processors
+
+        self.device = device
+        self.tokenizer, self.processor = load_processors(path)
+        self.model = (
+            CLIPFineTuner.from_pretrained(path)
+            if (Path(path) / HEADS_CONFIG).is_file()
+            else _Plain(load_clip(path))
+        )
+        self.model.to(device).eval()
+        self.max_length = min(self.tokenizer.model_max_length, 77)
+
+    @torch.no_grad()
+    def __call__(self, images: list[Any], prompts: list[str]) -> list[float]:
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        tokens = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        image, text, _ = self.model(
+            pixels, tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        )
+        return (100 * (image * text).sum(-1).clamp(min=0)).tolist()
+
+
+class _Plain(torch.nn.Module):
+    """A bare CLIPModel with CLIPFineTuner's forward signature."""
+
+    def __init__(self, clip: Any) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(
+        self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        image = self.clip.visual_projection(self.clip.vision_model(pixel_values=pixels).pooler_output)
+        text = self.clip.text_projection(
+            self.clip.text_model(input_ids=ids, attention_mask=mask).pooler_output
+        )
+        return torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1), None
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
