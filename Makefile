@@ -25,8 +25,13 @@ test-fast: setup  ## unit and smoke tiers only
 demo: setup
 	bash launch/demo.sh
 
-bench: setup
+bench: setup  ## CPU benchmarks; bench/gpu.py is for a GPU machine
 	$(PY) -m bench.prep
+	$(PY) -m bench.train_overhead
+	$(PY) -m bench.sample
+
+docs: setup  ## regenerate docs/CONFIG.md from the typed configs
+	$(PY) -m tools.config_reference
 
 lint: setup
 	$(VENV)/bin/ruff check .

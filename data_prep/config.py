@@ -52,7 +52,7 @@ class Flickr8kConfig:
     captions: str = ""
     """`Flickr8k_text.zip`, its folder, `Flickr8k.token.txt`, or Kaggle's `captions.txt`."""
     splits: str = ""
-    """Folder or zip with `Flickr_8k.{train,dev,test}Images.txt`; empty: look beside captions and images."""
+    """Folder or zip with `Flickr_8k.{train,dev,test}Images.txt`; empty: look beside the captions (else the hash split)."""
     resize: int = 0
     """Re-encode images with the long side at most this many pixels; 0 keeps the original JPEG bytes."""
     full_decode: bool = False

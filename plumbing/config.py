@@ -226,7 +226,14 @@ def reference_markdown(schema: type, title: str) -> str:
                 continue
             key = f"{prefix}.{f.name}" if prefix else f.name
             default = _lookup(defaults, key)
-            rows.append(f"| `{key}` | `{_type_name(hints[f.name])}` | `{default}` | {docs.get(f.name, '')} |")
+            shown = (
+                "required"
+                if default in ("???", "(required)")
+                else f"`{default!r}`"
+                if default == ""
+                else f"`{default}`"
+            )
+            rows.append(f"| `{key}` | `{_type_name(hints[f.name])}` | {shown} | {docs.get(f.name, '')} |")
         if rows:
             lines += [
                 f"**`{prefix or '(top level)'}`** ({cls.__name__})",

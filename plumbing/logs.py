@@ -49,10 +49,13 @@ def setup_logging(rank: int | None = None, log_file: Path | None = None, verbose
 def quiet_hf_progress() -> None:
     """Hugging Face draws a bar for every save and load of a small folder: keep ours only."""
     try:
+        import diffusers
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.set_verbosity_error()
     except ImportError:
         pass
 

@@ -16,6 +16,12 @@ from plumbing.dist import DistInfo
 from plumbing.errors import EXIT_USAGE, UserError
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sampler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -27,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # accelerate imports DeepSpeed when it is installed, which then guesses its device aloud.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     rank = 0
     try:
         rank = DistInfo.from_env().rank

@@ -105,7 +105,9 @@ class OutputFolder:
             fcntl.flock(lock, fcntl.LOCK_EX)
             records = self.records()
             merged = [records[key] for key in sorted(set(wanted)) if key in records]
-            atomic_write_text(self.root / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in merged))
+            atomic_write_text(
+                self.root / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in merged)
+            )
         return merged
 
     def contact_sheet(self, records: list[dict[str, Any]], limit: int) -> Path | None:

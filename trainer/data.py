@@ -492,6 +492,7 @@ class TrainData:
                 f"an epoch gives each rank {self.layout.micro_batches} micro-batches, fewer than train.grad_accum={accum}: "
                 "lower grad_accum or the batch size"
             )
+        self.image_mean, self.image_std = list(processor.image_mean), list(processor.image_std)
         self.train_transform = ImageTransform.of(processor, cfg, train=True)
         self.eval_transform = ImageTransform.of(processor, cfg, train=False)
 

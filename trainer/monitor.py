@@ -6,6 +6,7 @@ peak_memory_mb}, data/{skipped_samples,nonfinite_steps}, eval/<metric>, and the 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import resource
@@ -42,9 +43,11 @@ class Window:
 
 class Monitor:
     def __init__(
-        self, tb_dir: Path, enabled: bool, device: str, log_every: int, total_steps: int, start_step: int
+        self, run_dir: Path, enabled: bool, device: str, log_every: int, total_steps: int, start_step: int
     ) -> None:
         self.enabled, self.device, self.log_every = enabled, device, log_every
+        self.eval_log = run_dir / "eval.jsonl"
+        tb_dir = run_dir / "tensorboard"
         self.writer: Any = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -111,8 +114,30 @@ class Monitor:
             )
         self.window = Window()
 
+    def images(
+        self,
+        step: int,
+        batch: torch.Tensor,
+        mean: list[float],
+        std: list[float],
+        tag: str = "data/train_images",
+    ) -> None:
+        """A grid of (up to 16) model inputs, un-normalised: what the model sees after preprocessing."""
+        if self.writer is None:
+            return
+        from torchvision.utils import make_grid
+
+        shown = batch[:16].float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(
+            1, 3, 1, 1
+        )
+        self.writer.add_image(tag, make_grid(shown.clamp(0, 1), nrow=4), step)
+
     def evaluation(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        """TensorBoard, the log, and one JSON line in <run>/eval.jsonl (python -m trainer.report)."""
         self.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        if self.enabled:
+            with open(self.eval_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
         shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("samples", "images"))
         if self.enabled:
             self.bar.write(

@@ -107,7 +107,7 @@ def train(cfg: TrainConfig) -> int:
             collate.tokenize,
             device,
         )
-        monitor = Monitor(run.tensorboard, info.is_main, device, cfg.run.log_every, total, state.step)
+        monitor = Monitor(run.root, info.is_main, device, cfg.run.log_every, total, state.step)
         log.info(
             "%d samples, %d steps/epoch × %d epochs (%d steps), global batch %d; run folder %s",
             manifest.split(cfg.data.train_split).num_samples,
@@ -231,6 +231,8 @@ class Loop:
         data_time = 0.0
         for batch in self.data.epoch(s.epoch, s.micro_in_epoch):
             data_time += watch.lap()
+            if s.step == 0 and s.micro_in_epoch == 0:  # what the model sees, once
+                self.monitor.images(0, batch["pixel_values"], self.data.image_mean, self.data.image_std)
             loss, finite, boundary, stop = self.micro_step(batch)
             s.micro_in_epoch += 1
             self.unsynced[0] += len(batch["keys"])

@@ -1,0 +1,150 @@
+"""The README and the config reference tell the truth: every command in the README is valid as written,
+and docs/CONFIG.md is what the typed configs generate."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import re
+import shlex
+import shutil
+import subprocess
+import tarfile
+import typing
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from plumbing.config import field_docs, walk_schema
+from tests.helpers import PY, ROOT, env, run
+from tools.config_reference import JOBS, render
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_config_reference_is_up_to_date() -> None:
+    assert (ROOT / "docs" / "CONFIG.md").read_text() == render(), "run `make docs`"
+
+
+def test_every_config_field_has_a_docstring() -> None:
+    for _, schema in JOBS:
+        for prefix, cls in walk_schema(schema):
+            docs, hints = field_docs(cls), typing.get_type_hints(cls)
+            undocumented = [
+                f.name
+                for f in dataclasses.fields(cls)
+                if f.name not in docs and not dataclasses.is_dataclass(hints[f.name])
+            ]
+            assert not undocumented, f"{prefix or cls.__name__}: {undocumented}"
+
+
+def readme_commands() -> list[str]:
+    """Every command line in the README's bash blocks (comments dropped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+COMMANDS = readme_commands()
+LAUNCHED = ("python -m trainer", "python -m sampler", "CONFIG=", "launch/", "DRY_RUN=", "sbatch", "torchrun")
+
+
+def test_the_readme_shows_the_commands_users_need() -> None:
+    text = " ".join(COMMANDS)
+    wanted = (
+        "make demo",
+        "make test",
+        "python -m data_prep cifar10",
+        "python -m data_prep flickr8k",
+        "python -m data_prep synthetic",
+        "launch/torchrun.sh",
+        "sbatch launch/flickr8k.sbatch",
+        "sbatch launch/cifar10.sbatch",
+        "tensorboard --logdir",
+        "python -m sampler",
+    )
+    for needle in wanted:
+        assert needle in text, needle
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith(LAUNCHED)])
+def test_readme_training_and_sampling_commands_are_valid(command: str) -> None:
+    """Each is checked without training: configs and overrides resolve (--print-config) and the launch
+    scripts print what they would run (DRY_RUN=1), so a renamed key or file breaks this test."""
+    words = shlex.split(command)
+    variables: dict[str, str] = {}
+    while re.match(r"^[A-Z_]+=", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        variables[key] = value
+    variables["DRY_RUN"] = "1"
+    if words[0] == "bash":
+        words = words[1:]
+    if words[0] == "sbatch":
+        words = [next(w for w in words if w.endswith(".sbatch"))]
+    if words[0].startswith("launch/"):
+        proc = run(["bash", *words], **{"PYTHON": PY, **variables})
+        assert "would run:" in proc.stdout
+        return
+    if words[0] == "torchrun":
+        words = ["python", *words[words.index("-m") :]]
+    assert words[:2] == ["python", "-m"], command
+    rest: list[str] = []
+    skip = False
+    for word in words[3:]:
+        if skip or word == "--check":
+            skip = False
+            continue
+        if word == "--world-size":
+            skip = True
+            continue
+        rest.append(word)
+    proc = run([PY, "-m", words[2], *rest, "--print-config"], **variables)
+    assert proc.stdout.strip()
+
+
+def test_readme_data_prep_commands_run_on_files_in_the_official_formats(tmp_path: Path) -> None:
+    """The data_prep commands, run as written in a folder holding the official file names (the
+    synthetic set, so the official-MD5 check must refuse the CIFAR archive: it is not the real one)."""
+    raw = tmp_path / "raw"
+    small = [
+        "synthetic.cifar_per_batch=20",
+        "synthetic.cifar_test=20",
+        "synthetic.flickr_train=12",
+        "synthetic.flickr_dev=4",
+        "synthetic.flickr_test=4",
+    ]
+    run([PY, "-m", "data_prep", "synthetic", "--out", str(raw), *small])
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("cifar-10-python.tar.gz", "Flickr8k_Dataset.zip", "Flickr8k_text.zip"):
+        shutil.copy(raw / name, work / name)
+    with tarfile.open(work / "cifar-10-python.tar.gz") as tar:
+        tar.extractall(work, filter="data")
+    with zipfile.ZipFile(work / "Flickr8k_Dataset.zip") as z:
+        z.extractall(work)
+    with zipfile.ZipFile(work / "Flickr8k_text.zip") as z:
+        z.extractall(work / "Flickr8k_text")
+    (work / "Images").symlink_to(work / "Flicker8k_Dataset")
+    with open(work / "captions.txt", "w", newline="") as f:  # Kaggle's CSV
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        for line in (work / "Flickr8k_text" / "Flickr8k.token.txt").read_text().splitlines():
+            key, caption = line.split("\t")
+            writer.writerow([key.split("#")[0], caption])
+    for command in [c for c in COMMANDS if c.startswith("python -m data_prep")]:
+        shutil.rmtree(
+            work / "data", ignore_errors=True
+        )  # the README's lines are alternatives, each on its own
+        words = shlex.split(command)
+        proc = subprocess.run(
+            [PY, *words[1:]], cwd=work, env=env(), capture_output=True, text=True, timeout=600
+        )
+        if words[3] == "cifar10":
+            assert proc.returncode == 2 and "is not the official" in proc.stderr, command
+        else:
+            assert proc.returncode == 0, (command, proc.stderr[-2000:])
