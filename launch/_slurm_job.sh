@@ -19,6 +19,10 @@ cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
 
 CONFIG=${CONFIG:?set CONFIG}
 RUN_NAME=${RUN_NAME:-}
+if [ -n "$RUN_NAME" ] && ! [[ "$RUN_NAME" =~ ^[A-Za-z0-9_][A-Za-z0-9._-]*$ ]]; then
+  echo "RUN_NAME=$RUN_NAME: use letters, digits, '.', '_' and '-' (it names runs/<RUN_NAME>)" >&2
+  exit 2
+fi
 OVERRIDES=${OVERRIDES:-}
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi

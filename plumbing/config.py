@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import enum
 import inspect
+import re
 import textwrap
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ from plumbing.errors import UserError
 from plumbing.files import atomic_write_text
 
 T = TypeVar("T")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 class ConfigError(UserError):
@@ -84,11 +86,13 @@ def load_config(
         cfg = _merge(cfg, OmegaConf.create(nested), "command-line options")
     for item in overrides:
         key, sep, _ = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        if not sep or not _KEY.fullmatch(key):
+            raise ConfigError(
+                f"override {item!r}: expected key.sub=value (a dotted key of letters, digits and _)"
+            )
         try:
             dotlist = OmegaConf.from_dotlist([item])
-        except (OmegaConfBaseException, yaml.YAMLError) as err:
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError, IndexError) as err:
             raise ConfigError(f"override {item!r}: cannot parse the value ({_first_line(err)})") from None
         cfg = _merge(cfg, dotlist, f"override {item!r}")
     try:
@@ -104,6 +108,8 @@ def load_config(
         raise ConfigError(f"{where}: {key}: {str(err).split(': ', 1)[1]}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{where}: {_describe(err)}") from None
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
+        raise ConfigError(f"{where}: a value of the wrong shape ({_first_line(err)})") from None
 
 
 def config_from_dict(schema: type[T], data: Mapping[str, Any], where: str) -> T:
@@ -140,6 +146,14 @@ def _merge(cfg: Any, other: Any, where: str) -> Any:
         raise ConfigError(f"{where}: unknown key {err.full_key!r} ({_first_line(err)})") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{where}: {_describe(err)}") from None
+    except (
+        TypeError,
+        ValueError,
+        IndexError,
+        KeyError,
+        AttributeError,
+    ) as err:  # OmegaConf lets some through raw
+        raise ConfigError(f"{where}: a value of the wrong shape ({_first_line(err)})") from None
 
 
 def _describe(err: OmegaConfBaseException) -> str:

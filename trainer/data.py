@@ -289,10 +289,10 @@ class ImageTransform:
     hflip: bool = False
 
     @classmethod
-    def of(cls, processor: Any, cfg: DataConfig, train: bool) -> ImageTransform:
+    def of(cls, processor: Any, cfg: DataConfig | None, train: bool) -> ImageTransform:
         size = processor.size.get("shortest_edge") or min(processor.size.values())
         crop = (processor.crop_size["height"], processor.crop_size["width"])
-        if not train:
+        if not train or cfg is None:
             return cls(size, crop)
         return cls(size, crop, cfg.random_crop, cfg.crop_scale_min, cfg.hflip)
 

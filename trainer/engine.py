@@ -279,7 +279,7 @@ def _consolidate(checkpoint: Path) -> dict[str, torch.Tensor]:
     model_file = checkpoint / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise UserError(f"{checkpoint}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
-    saved = torch.load(model_file, map_location="cpu", weights_only=False)  # DeepSpeed's own file format
+    saved = torch.load(model_file, map_location="cpu", weights_only=True)  # tensors and plain data only
     return {k: v.float() for k, v in saved["module"].items()}
 
 

@@ -55,8 +55,9 @@ def retrieval_recall(
     sim = image @ text.t()  # images × captions
     out: dict[str, float] = {}
     owner = text_image[None, :] == torch.arange(image.shape[0], device=image.device)[:, None]
-    order_t = sim.argsort(dim=1, descending=True)
-    order_i = sim.t().argsort(dim=1, descending=True)
+    # stable: equal scores (identical captions) rank in dataset order, reproducibly
+    order_t = sim.argsort(dim=1, descending=True, stable=True)
+    order_i = sim.t().argsort(dim=1, descending=True, stable=True)
     for k in ks:
         out[f"i2t_R@{k}"] = float(torch.gather(owner, 1, order_t[:, :k]).any(dim=1).float().mean())
         out[f"t2i_R@{k}"] = float((order_i[:, :k] == text_image[:, None]).any(dim=1).float().mean())
@@ -148,7 +149,7 @@ class Evaluator:
         return {"top1": c1 / max(n, 1), "top5": c5 / max(n, 1), "samples": n}
 
     def _retrieval(self, engine: Any) -> dict[str, float]:
-        images, texts, owners, valids = [], [], [], []
+        images, texts, owners, valids, indices = [], [], [], [], []
         for batch in self.make_loader():
             image, _, _ = engine(pixel_values=batch["pixel_values"].to(self.device))
             captions = batch["captions"]
@@ -164,6 +165,7 @@ class Evaluator:
             texts.append(text.float().view(len(captions), per, -1))
             owners.append(has)
             valids.append(batch["valid"].to(self.device))
+            indices.append(batch["index"].to(self.device))
         image = gather_rows(torch.cat(images))
         caption_pad = int(
             all_max(max(t.shape[1] for t in texts), self.device)
@@ -175,7 +177,11 @@ class Evaluator:
             torch.cat([torch.nn.functional.pad(h, (0, caption_pad - h.shape[1])) for h in owners])
         )
         valid = gather_rows(torch.cat(valids))
-        image, text, has = image[valid], text[valid], has[valid]
+        index = gather_rows(torch.cat(indices))
+        order = index[
+            valid
+        ].argsort()  # dataset order, however ranks and workers interleaved: ties then break alike
+        image, text, has = image[valid][order], text[valid][order], has[valid][order]
         text_image = torch.arange(image.shape[0], device=self.device)[:, None].expand_as(has)[has]
         metrics = retrieval_recall(image, text[has], text_image, self.cfg.recall_at)
         metrics["images"] = float(image.shape[0])

@@ -264,18 +264,18 @@ class Loop:
                 s.nonfinite_steps,
             )
             data_time = 0.0
-            if self.ckpt.should_save(s, epoch_end=False):
-                self.save()
             if stop:
                 return self.preempted()
-            if (
-                s.step >= self.total and s.micro_in_epoch < self.data.micro_per_epoch
-            ):  # train.max_steps, mid-epoch
+            if s.micro_in_epoch == self.data.micro_per_epoch:
+                break  # the epoch's last step: its checkpoint is the epoch-end one, below
+            if self.ckpt.should_save(s, epoch_end=False):
+                self.save()
+            if s.step >= self.total:  # train.max_steps, mid-epoch
                 self.save()
                 return 0
         s.epoch, s.micro_in_epoch = s.epoch + 1, 0
         self.sync_counters()
-        if self.ckpt.should_save(s, epoch_end=True):
+        if self.ckpt.should_save(s, epoch_end=True) or self.ckpt.should_save(s, epoch_end=False):
             self.save()
         if self.evaluator.should_eval(s.epoch, last=s.epoch == self.cfg.train.epochs):
             self.monitor.evaluation(s.step, s.epoch, self.evaluator.run(self.engine))
@@ -347,8 +347,17 @@ class Loop:
                 f"data.max_bad_fraction={self.cfg.data.max_bad_fraction}: check the shards of {self.cfg.data.manifest}"
             )
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Checkpoint, unless the parameters went non-finite: a checkpoint is always one to go back to."""
+        if not params_finite(self.engine):
+            log.error(
+                "parameters are not finite at step %d: not checkpointed (newest good: %s)",
+                self.state.step,
+                self.last_checkpoint,
+            )
+            return False
         self.last_checkpoint = self.ckpt.save(self.engine, self.state, self.config)
+        return True
 
     def preempted(self) -> int:
         self.save()
@@ -362,17 +371,16 @@ class Loop:
         return EXIT_PREEMPTED
 
     def diverged(self) -> int:
-        """N non-finite losses in a row. They were skipped, so the parameters are those of the last good
-        step: checkpoint them (if finite) and stop with a message."""
-        if params_finite(self.engine):
-            self.save()
-            where = f"checkpoint {self.last_checkpoint} holds the parameters from before the divergence"
-        else:
-            where = (
-                f"the newest good checkpoint is {self.last_checkpoint}"
-                if self.last_checkpoint
-                else "no checkpoint was written yet"
-            )
+        """N non-finite losses in a row. They were skipped, so if the parameters are still finite they
+        are those from before the divergence: checkpoint them. Either way, stop with a message."""
+        saved = self.save()
+        where = (
+            f"checkpoint {self.last_checkpoint} holds the parameters from before the divergence"
+            if saved
+            else f"the newest good checkpoint is {self.last_checkpoint}"
+            if self.last_checkpoint
+            else "no checkpoint was written"
+        )
         raise UserError(
             f"{self.bad_in_row} non-finite losses in a row at step {self.state.step} (train.max_nonfinite): {where}; "
             "lower optim.lr or check the data"

@@ -1,0 +1,357 @@
+"""Faults injected from outside, and what survives them (docs/RELIABILITY.md lists each one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import resource
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from plumbing.tars import end_of_archive, tar_member
+from tests.helpers import PY, ROOT, env, run, scalars, torchrun, trainer_args
+
+pytestmark = pytest.mark.system
+
+
+def launch(args: list[str], log: Path, nproc: int = 2) -> subprocess.Popen[bytes]:
+    """torchrun in its own session, so that a test can kill it (or one of its workers) whole."""
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "trainer",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, env=env(), cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def wait_until(
+    condition, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.05
+) -> None:  # noqa: ANN001
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        assert proc is None or proc.poll() is None, f"exited ({proc.returncode}) before {what}"
+        time.sleep(poll)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every worker at once (torchrun starts its workers in their own sessions)."""
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for member in family:
+        member.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def complete(run_dir: Path) -> list[str]:
+    folder = run_dir / "checkpoints"
+    return (
+        sorted(p.name for p in folder.iterdir() if (p / "trainer_state.json").is_file())
+        if folder.is_dir()
+        else []
+    )
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return sorted(scalars(run_dir / "tensorboard", "train/loss"))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_sigkill_of_one_rank_fails_fast_and_a_rerun_finishes_the_job(
+    small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = trainer_args(
+        small_data["cifar10"],
+        run_dir,
+        "train.epochs=3",
+        "checkpoint.every_steps=3",
+        "eval.every_epochs=0",
+        "eval.at_start=false",
+    )
+    proc = launch(args, tmp_path / "log")
+    wait_until(lambda: "step-00000006" in complete(run_dir), 180, "the step-6 checkpoint", proc)
+    worker = next(
+        c for c in psutil.Process(proc.pid).children(recursive=True) if "trainer" in " ".join(c.cmdline())
+    )
+    killed = time.time()
+    worker.send_signal(signal.SIGKILL)
+    code = proc.wait(timeout=120)
+    assert code != 0 and time.time() - killed < 60, "the job hung after a rank died"
+    torchrun(2, args)  # resume=auto
+    state = json.loads((run_dir / "checkpoints" / "step-00000030" / "trainer_state.json").read_text())[
+        "state"
+    ]
+    assert state["samples_seen"] == 30 * 32 and state["epoch"] == 3
+    assert logged_steps(run_dir) == list(
+        range(1, 31)
+    )  # every step once (a resumed run purges what followed its checkpoint)
+
+
+def test_sigkill_during_a_checkpoint_save_keeps_the_previous_one(
+    small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = trainer_args(
+        small_data["cifar10"],
+        run_dir,
+        "train.epochs=3",
+        "checkpoint.every_steps=2",
+        "eval.every_epochs=0",
+        "eval.at_start=false",
+    )
+    proc = launch(args, tmp_path / "log")
+    folder = run_dir / "checkpoints"
+    wait_until(lambda: len(complete(run_dir)) >= 2, 180, "two checkpoints", proc)
+
+    def saving() -> bool:
+        return any(p.name.startswith(".partial-") for p in folder.iterdir())
+
+    wait_until(saving, 120, "a save in progress", proc, poll=0.001)
+    kill_tree(proc)
+    partial = [p.name for p in folder.iterdir() if p.name.startswith(".partial-")]
+    newest = complete(run_dir)[-1]
+    assert partial and partial[0] > f".partial-{newest}", "killed after the save had finished"
+    resumed = torchrun(2, args)
+    assert f"resumed from {folder / newest}" in resumed.stderr
+    assert not any(p.name.startswith(".partial-") for p in folder.iterdir())  # cleared by the next save
+    assert logged_steps(run_dir) == list(range(1, 31))
+
+
+def test_sigterm_checkpoints_and_exits_within_the_grace_period(
+    small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = trainer_args(
+        small_data["cifar10"], run_dir, "train.epochs=3", "eval.every_epochs=0", "eval.at_start=false"
+    )
+    log = tmp_path / "log"
+    proc = launch(args, log)
+    wait_until(lambda: log.exists() and "step 4 loss" in log.read_text(), 180, "step 4", proc)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it to every trainer
+    proc.wait(timeout=60)
+    elapsed = time.time() - sent
+    text = log.read_text()
+    stopped = [name for name in complete(run_dir) if int(name.split("-")[1]) >= 4]
+    assert stopped, text[-3000:]
+    assert "written" in text and "after the signal" in text
+    assert elapsed < 30, f"{elapsed:.1f} s from SIGTERM to exit (torchrun's grace period is 30 s)"
+    torchrun(2, args)
+    assert logged_steps(run_dir) == list(range(1, 31))
+
+
+def test_a_nonfinite_micro_batch_is_dropped_before_deepspeed_sees_it(tmp_path: Path) -> None:
+    """The trainer's own micro-step with a loss that is NaN once: parameters and DeepSpeed's step
+    counter stay as they were, the next finite batch trains."""
+    from plumbing.config import load_config
+    from plumbing.dist import DistInfo, init_process_group
+    from trainer.config import TrainConfig
+    from trainer.engine import BatchSizes, build_engine, teardown
+    from trainer.model import build_finetuner
+    from trainer.tiny import TinyConfig, build_tiny_clip
+    from trainer.train import Loop, StopSignals
+
+    build_tiny_clip(tmp_path / "clip", TinyConfig())
+    init_process_group(DistInfo.from_env({}))
+    cfg = load_config(
+        TrainConfig, None, ["train.objective=contrastive", "data.manifest=x", f"run.dir={tmp_path}"]
+    )
+    engine = build_engine(
+        build_finetuner(cfg.model, str(tmp_path / "clip")),
+        cfg.model,
+        cfg.deepspeed,
+        cfg.optim,
+        BatchSizes(4, 1, 1),
+        100,
+        False,
+    )
+    losses = iter([torch.tensor(float("nan")), None])
+
+    class Probe:
+        device, dtype, signals = "cpu", torch.float32, StopSignals()
+        state = type("State", (), {"step": 0, "micro_in_epoch": 0, "epoch": 0})()
+
+        def loss(self, batch: dict) -> tuple[torch.Tensor, float]:
+            planted = next(losses)
+            image, text, scale = engine(
+                pixel_values=batch["pixel_values"],
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+            )
+            real = (image * text).sum() * scale.sum()
+            return (real if planted is None else planted), 1.0
+
+    probe = Probe()
+    probe.engine = engine
+    step = Loop.micro_step.__get__(probe)
+    batch = {
+        "pixel_values": torch.randn(4, 3, 32, 32),
+        "input_ids": torch.randint(0, 500, (4, 32)),
+        "attention_mask": torch.ones(4, 32, dtype=torch.long),
+    }
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    _, finite, _, _ = step(batch)
+    assert not finite and engine.global_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+    _, finite, boundary, _ = step(batch)
+    assert finite and boundary and engine.global_steps == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+    teardown(engine)
+    torch.distributed.destroy_process_group()
+
+
+def test_divergence_stops_with_a_message_and_a_finite_checkpoint(
+    small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    from trainer.engine import consolidated_state_dict
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        "optim.lr=1e6",
+        "optim.grad_clip=0",
+        "train.max_nonfinite=3",
+        "checkpoint.every_steps=1",
+        "data.workers=1",
+    ]
+    proc = run([PY, "-m", "trainer", *trainer_args(small_data["cifar10"], run_dir, *overrides)], check=False)
+    assert proc.returncode == 2
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "3 non-finite losses in a row" in message and "lower optim.lr" in message
+    named = (
+        Path(message.split("checkpoint is ")[-1].split(";")[0])
+        if "checkpoint is " in message
+        else Path(message.split("checkpoint ")[1].split(" holds")[0])
+    )
+    state = consolidated_state_dict(named)
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+@pytest.mark.parametrize("fault", ["missing", "sha256", "truncated"])
+def test_shard_faults_are_caught_before_training(
+    small_data: dict[str, Path], tmp_path: Path, fault: str
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(small_data["cifar10"].parent, data)
+    victim = sorted((data / "train").glob("*.tar"))[2]
+    if fault == "missing":
+        victim.unlink()
+    elif fault == "sha256":
+        raw = bytearray(victim.read_bytes())
+        raw[5000] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+    else:
+        victim.write_bytes(victim.read_bytes()[:4096])
+    proc = run([PY, "-m", "trainer", *trainer_args(data / "manifest.json", tmp_path / "run")], check=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("trainer: error: shard ") and str(victim) in line
+    assert {"missing": "missing", "sha256": "sha256 does not match", "truncated": "bytes, the manifest says"}[
+        fault
+    ] in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def test_sampler_disk_full_is_one_line_and_nothing_incomplete_is_listed(tmp_path: Path) -> None:
+    from sampler.tiny import TinyDiffusionConfig, build_tiny_diffusion
+    from trainer.tiny import TinyConfig
+
+    model = tmp_path / "model"
+    build_tiny_diffusion(model, TinyDiffusionConfig(), TinyConfig(image_size=64, patch_size=8))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(4)))
+    out = tmp_path / "out"
+    args = [
+        PY,
+        "-m",
+        "sampler",
+        "--config",
+        str(ROOT / "configs/sample.yaml"),
+        f"model={model}",
+        "preset=''",
+        f"out_dir={out}",
+        "steps=2",
+        f"prompts=[{prompts}]",
+        "batch_size=1",
+    ]
+
+    def small_disk() -> None:  # a file-size limit: writes past 6 KiB fail with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6 * 1024, 6 * 1024))
+
+    proc = subprocess.run(
+        args, env=env(), cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk, timeout=300
+    )
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("sampler: error: cannot write") and "disk full?" in line
+    assert not list((out / "images").glob("*.png")), "a partial PNG under a final name"
+    assert not (out / "manifest.jsonl").exists() or not (out / "manifest.jsonl").read_text()
+    run(args)
+    records = (out / "manifest.jsonl").read_text().splitlines()
+    assert len(records) == 4 and len(list((out / "images").glob("*.png"))) == 4
+    assert not [p for p in (out / "images").iterdir() if ".tmp-" in p.name]
+
+
+# --------------------------------------------------------------------------- security
+
+
+def test_a_pickle_member_in_a_shard_is_never_unpickled(small_data: dict[str, Path], tmp_path: Path) -> None:
+    """WebDataset's default decoders would unpickle `.pyd`; the trainer's decoder ignores it."""
+    data = tmp_path / "data"
+    shutil.copytree(small_data["cifar10"].parent, data)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    manifest = json.loads((data / "manifest.json").read_text())
+    shard = manifest["splits"]["train"]["shards"][0]
+    path = data / "train" / shard["name"]
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    members.insert(0, (members[0][0].split(".")[0] + ".pyd", pickle.dumps(Payload())))
+    parts = [part for name, blob in members for part in tar_member(name, blob)]
+    body = b"".join(parts)
+    path.write_bytes(body + end_of_archive(len(body)))
+    from plumbing.files import sha256_file
+
+    shard["sha256"], shard["bytes"] = sha256_file(path), path.stat().st_size
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    run(
+        [
+            PY,
+            "-m",
+            "trainer",
+            *trainer_args(data / "manifest.json", tmp_path / "run", "train.max_steps=3", "data.workers=1"),
+        ]
+    )
+    assert not marker.exists()
+
+
+def test_run_names_cannot_leave_the_runs_folder() -> None:
+    proc = run(
+        ["bash", "launch/flickr8k.sbatch"], check=False, DRY_RUN="1", RUN_NAME="../../etc/x", PYTHON="python3"
+    )
+    assert proc.returncode == 2 and "RUN_NAME=../../etc/x: use letters, digits" in proc.stderr
