@@ -22,7 +22,7 @@ from data_prep.flickr8k import FlickrImage, hash_split, index_images, read_capti
 from data_prep.shards import SplitPlan, Writers, summary, write_dataset
 from data_prep.synthetic import write_synthetic
 from plumbing import __version__
-from plumbing.config import load_config, to_dict
+from plumbing.config import load_config, parse_mixed, to_dict
 from plumbing.errors import run_cli
 from plumbing.logs import setup_logging
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = vars(parser().parse_args(argv))
+    args = parse_mixed(parser(), argv)
     config_file, overrides = args.pop("config"), args.pop("overrides")
     flags = {k: v for k, v in args.items() if v is not None}
     cfg = load_config(PrepConfig, config_file, overrides, flags)

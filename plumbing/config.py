@@ -8,6 +8,7 @@ the key and where it came from. Each field carries a docstring (a string literal
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import enum
@@ -110,6 +111,18 @@ def load_config(
         raise ConfigError(f"{where}: {_describe(err)}") from None
     except (TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
         raise ConfigError(f"{where}: a value of the wrong shape ({_first_line(err)})") from None
+
+
+def parse_mixed(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
+    """Parse options with `key=value` overrides anywhere among them (argparse alone wants the
+    positionals together); the parser must have an `overrides` positional (nargs="*")."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [word for word in extra if word.startswith("-") or "=" not in word]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    values = vars(args)
+    values["overrides"] = [*values.get("overrides", []), *extra]
+    return values
 
 
 def config_from_dict(schema: type[T], data: Mapping[str, Any], where: str) -> T:
@@ -230,7 +243,7 @@ def field_docs(schema: type) -> dict[str, str]:
 def reference_markdown(schema: type, title: str) -> str:
     """A Markdown table per (sub)config: key, type, default, meaning — generated, never hand-copied."""
     lines = [f"## {title}", ""]
-    defaults = to_dict(schema()) if _all_defaults(schema) else {}
+    defaults = _defaults(schema)
     for prefix, cls in walk_schema(schema):
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
@@ -260,12 +273,16 @@ def reference_markdown(schema: type, title: str) -> str:
     return "\n".join(lines)
 
 
-def _all_defaults(schema: type) -> bool:
-    try:
-        schema()
-    except TypeError:
-        return False
-    return True
+def _defaults(schema: type) -> dict[str, Any]:
+    """Field defaults without building the class (its checks may need values the user gives)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = _plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else _plain(value)
+    return out
 
 
 def _lookup(tree: dict[str, Any], key: str) -> Any:

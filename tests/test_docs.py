@@ -51,7 +51,16 @@ def readme_commands() -> list[str]:
 
 
 COMMANDS = readme_commands()
-LAUNCHED = ("python -m trainer", "python -m sampler", "CONFIG=", "launch/", "DRY_RUN=", "sbatch", "torchrun")
+LAUNCHED = (
+    "python -m trainer",
+    "python -m sampler",
+    "python -m retrieval",
+    "CONFIG=",
+    "launch/",
+    "DRY_RUN=",
+    "sbatch",
+    "torchrun",
+)
 
 
 def test_the_readme_shows_the_commands_users_need() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from data_prep.config import PrepConfig
 from plumbing.config import reference_markdown
+from retrieval.config import RetrievalConfig
 from sampler.config import SampleConfig
 from trainer.config import TrainConfig
 
@@ -15,6 +16,7 @@ JOBS = [
     ("python -m data_prep — PrepConfig", PrepConfig),
     ("python -m trainer — TrainConfig", TrainConfig),
     ("python -m sampler — SampleConfig", SampleConfig),
+    ("python -m retrieval — RetrievalConfig", RetrievalConfig),
 ]
 HEADER = """# Config reference
 

@@ -1,0 +1,371 @@
+"""Caption images from a bank, or search images with queries: embed once, rank, write JSONL.
+
+Outputs in out_dir: captions.jsonl or search.jsonl (one record per image / query, in input order),
+parts/ (per-rank records, appended as they are made: a rerun skips what is done), summary.json
+(counts, skipped images, hit rates when the data says which caption belongs to which image),
+sheets/ (contact sheets) and config.yaml.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+from plumbing.config import save_config, to_dict
+from plumbing.dist import DistInfo, destroy_process_group, init_process_group
+from plumbing.errors import UserError
+from plumbing.files import atomic_write_bytes, atomic_write_json, atomic_write_text, safe_name
+from plumbing.logs import progress, setup_logging
+from retrieval.config import RetrievalConfig
+from retrieval.embed import Embedder, cached
+from retrieval.sources import (
+    ImageItem,
+    ImageSet,
+    Text,
+    image_files,
+    iter_manifest,
+    manifest_images,
+    read_texts,
+)
+
+log = logging.getLogger("retrieval")
+
+
+def retrieve(cfg: RetrievalConfig) -> int:
+    info = DistInfo.from_env()
+    setup_logging(info.rank)
+    device = init_process_group(info)
+    try:
+        return (caption if cfg.mode == "caption" else search)(cfg, info, device)
+    finally:
+        destroy_process_group()
+
+
+def caption(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
+    out = Path(cfg.out_dir)
+    embedder = Embedder(cfg.export, device)
+    images = image_set(cfg)
+    if cfg.limit:
+        images.items = images.items[: cfg.limit]
+    bank, bank_fp = read_texts([cfg.bank], cfg.bank_split, "bank")
+    home = Path(cfg.cache_dir) if cfg.cache_dir else _home(Path(cfg.bank))
+    texts = [t.text for t in bank]
+    table, _ = shared_embeddings(
+        home,
+        "bank",
+        embedder,
+        bank_fp,
+        lambda: (embed_texts(embedder, texts, cfg.batch_size), [t.id for t in bank]),
+        info,
+    )
+    prepare(out, cfg, info)
+    done = done_ids(out)
+    mine = [
+        item
+        for i, item in enumerate(images.items)
+        if i % info.work_slice[1] == info.work_slice[0] and item.id not in done
+    ]
+    log.info(
+        "%d images, %d already captioned; this process captions %d against %d captions",
+        len(images.items),
+        len(done & {i.id for i in images.items}),
+        len(mine),
+        len(bank),
+    )
+    bar = progress(len(mine), "caption", "img")
+    for chunk in chunks(images.pictures(mine), cfg.batch_size):
+        records = [skipped(item) for item, picture in chunk if picture is None]
+        good = [(item, picture) for item, picture in chunk if picture is not None]
+        if good:
+            scores = embedder.images([p for _, p in good]) @ table.t()
+            for (item, _), row in zip(good, scores):
+                top = ranked(row, cfg.top_k)
+                records.append(
+                    {
+                        "image": item.id,
+                        "source": item.source,
+                        "own_caption": item.captions[0] if item.captions else "",
+                        "top": [
+                            {
+                                "caption": bank[j].text,
+                                "score": round(float(row[j]), 5),
+                                "bank_id": bank[j].id,
+                                "of_image": bank[j].image,
+                            }
+                            for j in top
+                        ],
+                    }
+                )
+        append(out, info, records)
+        bar.update(len(chunk))
+    bar.close()
+    return finish(
+        out,
+        cfg,
+        info,
+        [i.id for i in images.items],
+        "image",
+        "captions.jsonl",
+        lambda recs: caption_summary(recs, images, bank),
+    )
+
+
+def search(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
+    out = Path(cfg.out_dir)
+    embedder = Embedder(cfg.export, device)
+    images = image_set(cfg)
+    queries, _ = read_texts(list(cfg.queries), cfg.bank_split, "queries")
+    if cfg.limit:
+        queries = queries[: cfg.limit]
+    home = Path(cfg.cache_dir) if cfg.cache_dir else images.home
+
+    def embed_all() -> tuple[torch.Tensor, list[str]]:
+        rows, ids = [], []
+        for chunk in chunks(images.pictures(images.items), cfg.batch_size):
+            good = [(item, p) for item, p in chunk if p is not None]
+            ids += [item.id for item, _ in good]
+            if good:
+                rows.append(embedder.images([p for _, p in good]))
+        if not rows:
+            raise UserError("images: none of them can be read")
+        return torch.cat(rows), ids
+
+    table, ids = shared_embeddings(home, "images", embedder, images.fingerprint, embed_all, info)
+    by_id = {item.id: item for item in images.items}
+    readable = [by_id[i] for i in ids]
+    prepare(out, cfg, info)
+    done = done_ids(out, key="query_id")
+    mine = [
+        q for i, q in enumerate(queries) if i % info.work_slice[1] == info.work_slice[0] and q.id not in done
+    ]
+    bar = progress(len(mine), "search", "query")
+    for chunk in chunks(iter(mine), cfg.batch_size):
+        scores = embed_texts(embedder, [q.text for q in chunk], cfg.batch_size) @ table.t()
+        records = []
+        for query, row in zip(chunk, scores):
+            top = ranked(row, cfg.top_k)
+            records.append(
+                {
+                    "query_id": query.id,
+                    "query": query.text,
+                    "of_image": query.image,
+                    "top": [
+                        {
+                            "image": readable[j].id,
+                            "source": readable[j].source,
+                            "score": round(float(row[j]), 5),
+                        }
+                        for j in top
+                    ],
+                }
+            )
+        append(out, info, records)
+        bar.update(len(chunk))
+    bar.close()
+    return finish(out, cfg, info, [q.id for q in queries], "query_id", "search.jsonl", search_summary)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def image_set(cfg: RetrievalConfig) -> ImageSet:
+    return manifest_images(cfg.manifest, cfg.split) if cfg.manifest else image_files(list(cfg.images))
+
+
+def _home(bank: Path) -> Path:
+    return bank if bank.is_dir() else bank.parent
+
+
+def shared_embeddings(
+    home: Path, what: str, embedder: Embedder, fingerprint: str, compute: Any, info: DistInfo
+) -> tuple[torch.Tensor, list[str]]:
+    """Computed once (by rank 0), cached in home/.retrieval-cache under the model's and the data's
+    content hashes; the other ranks read the cache."""
+    key = hashlib.sha256(
+        f"{embedder.fingerprint}\0{fingerprint}\0{embedder.collate.max_length}".encode()
+    ).hexdigest()[:16]
+    path = home / ".retrieval-cache" / f"{what}-{key}.safetensors"
+    result = cached(path, compute) if info.is_main else None
+    barrier()
+    return result if result is not None else cached(path, compute)
+
+
+def embed_texts(embedder: Embedder, texts: list[str], batch: int) -> torch.Tensor:
+    return torch.cat([embedder.texts(texts[i : i + batch]) for i in range(0, len(texts), batch)])
+
+
+def ranked(row: torch.Tensor, k: int) -> list[int]:
+    """The k best, ties in input order (the trainer's evaluation breaks them the same way)."""
+    return row.argsort(descending=True, stable=True)[:k].tolist()
+
+
+def chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def skipped(item: ImageItem) -> dict[str, Any]:
+    return {"image": item.id, "source": item.source, "skipped": "cannot be read or decoded", "top": []}
+
+
+def prepare(out: Path, cfg: RetrievalConfig, info: DistInfo) -> None:
+    if info.is_main:
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    barrier()
+
+
+def done_ids(out: Path, key: str = "image") -> set[str]:
+    ids: set[str] = set()
+    for part in sorted((out / "parts").glob("*.jsonl")) if (out / "parts").is_dir() else []:
+        for line in part.read_text(encoding="utf-8").splitlines():
+            try:
+                ids.add(json.loads(line)[key])
+            except (json.JSONDecodeError, KeyError):
+                continue  # the unfinished last line of a killed run
+    return ids
+
+
+def append(out: Path, info: DistInfo, records: list[dict[str, Any]]) -> None:
+    path = out / "parts" / f"a{info.array_index:04d}-r{info.rank:04d}.jsonl"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        f.flush()
+
+
+def finish(
+    out: Path, cfg: RetrievalConfig, info: DistInfo, order: list[str], key: str, name: str, summarise: Any
+) -> int:
+    barrier()
+    if not info.is_main:
+        return 0
+    records: dict[str, dict[str, Any]] = {}
+    for part in sorted((out / "parts").glob("*.jsonl")):
+        for line in part.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            records[record[key]] = record
+    merged = [records[i] for i in order if i in records]
+    atomic_write_text(out / name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in merged))
+    summary = {"records": len(merged), "requested": len(order), **summarise(merged), "config": to_dict(cfg)}
+    atomic_write_json(out / "summary.json", summary)
+    sheets(out, cfg, merged, key)
+    for record in merged[: cfg.show]:
+        print(describe(record, key))
+    shown = {k: v for k, v in summary.items() if k not in ("config", "skipped")}
+    print(f"{out / name}: {json.dumps(shown)}")
+    return 0
+
+
+def describe(record: dict[str, Any], key: str) -> str:
+    if not record["top"]:
+        return f"{record[key]}: {record.get('skipped', 'no result')}"
+    best = record["top"][0]
+    if key == "image":
+        own = f"   (its own: {record['own_caption']!r})" if record.get("own_caption") else ""
+        return f"{record['image']}: {best['caption']!r} ({best['score']:.3f}){own}"
+    return f"{record['query']!r}: {best['image']} ({best['score']:.3f})"
+
+
+def caption_summary(records: list[dict[str, Any]], images: ImageSet, bank: list[Text]) -> dict[str, Any]:
+    skipped_items = [r["image"] for r in records if "skipped" in r]
+    out: dict[str, Any] = {"skipped": skipped_items, "skipped_count": len(skipped_items)}
+    owned = {t.image for t in bank if t.image}
+    judged = [r for r in records if r["image"] in owned and "skipped" not in r]
+    if judged:  # the bank says which captions belong to which image: hit rates at 1 and k
+        out["top1_hit_rate"] = sum(r["top"][0]["of_image"] == r["image"] for r in judged) / len(judged)
+        out["topk_hit_rate"] = sum(any(t["of_image"] == r["image"] for t in r["top"]) for r in judged) / len(
+            judged
+        )
+        out["judged"] = len(judged)
+    return out
+
+
+def search_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    judged = [r for r in records if r["of_image"]]
+    if not judged:
+        return {}
+    return {
+        "top1_hit_rate": sum(r["top"][0]["image"] == r["of_image"] for r in judged if r["top"]) / len(judged),
+        "topk_hit_rate": sum(any(t["image"] == r["of_image"] for t in r["top"]) for r in judged)
+        / len(judged),
+        "judged": len(judged),
+    }
+
+
+def sheets(out: Path, cfg: RetrievalConfig, records: list[dict[str, Any]], key: str) -> None:
+    """Contact sheets: captioned images in groups of 16 (with the top caption), or a query's top images."""
+    if not cfg.contact_sheets or not records:
+        return
+    folder = out / "sheets"
+    if key == "image":
+        groups = [records[i : i + 16] for i in range(0, len(records), 16)][: cfg.contact_sheets]
+        for n, group in enumerate(groups):
+            cells = [
+                (r["source"], r["top"][0]["caption"] if r["top"] else r.get("skipped", "")) for r in group
+            ]
+            _sheet(folder / f"captions-{n:04d}.png", cells, cfg)
+    else:
+        for r in records[: cfg.contact_sheets]:
+            _sheet(
+                folder / f"{safe_name(r['query_id'])}.png",
+                [(t["source"], f"{t['score']:.3f}") for t in r["top"]],
+                cfg,
+                title=r["query"],
+            )
+
+
+def _sheet(path: Path, cells: list[tuple[str, str]], cfg: RetrievalConfig, title: str = "") -> None:
+    pictures = [_picture(source, cfg) for source, _ in cells]
+    side, label = 128, 24
+    cols = min(4, len(cells))
+    rows = math.ceil(len(cells) / cols)
+    top = 16 if title else 0
+    sheet = Image.new("RGB", (cols * side, top + rows * (side + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((4, 2), title[:100], fill="black")
+    for i, (picture, (_, text)) in enumerate(zip(pictures, cells)):
+        x, y = (i % cols) * side, top + (i // cols) * (side + label)
+        if picture is not None:
+            picture.thumbnail((side, side))
+            sheet.paste(picture, (x, y))
+        draw.text((x + 2, y + side + 1), text[:22], fill="black")
+        draw.text((x + 2, y + side + 11), text[22:44], fill="black")
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _picture(source: str, cfg: RetrievalConfig) -> Image.Image | None:
+    if cfg.manifest and ":" in source:
+        key = source.rsplit(":", 1)[1]
+        return next((p for _, p in iter_manifest(Path(cfg.manifest), cfg.split, {key})), None)
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError):
+        return None
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
