@@ -146,11 +146,12 @@ def bench_trainer(
 
 
 def bench_sampler(batch: int, steps: int, size: int, device: str, tiny: bool) -> float:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from sampler.pipeline import Components, LatentDiffusion, Request
-    from trainer.tiny import tokenizer_vocab
+    from sampler.tiny import sd_scheduler
+    from trainer.tiny import tiny_tokenizer
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if tiny:
@@ -192,18 +193,10 @@ def bench_sampler(batch: int, steps: int, size: int, device: str, tiny: bool) ->
             num_attention_heads=12,
             max_position_embeddings=77,
         )
-    vocab, merges = tokenizer_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    text_cfg.vocab_size = len(vocab)
+    tokenizer = tiny_tokenizer(77)  # the offline tokenizer; a real vocabulary embeds at the same speed
+    text_cfg.vocab_size = len(tokenizer)
     text = CLIPTextModel(text_cfg)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     for part in (unet, vae, text):
         part.to(device, dtype).eval()
     pipe = LatentDiffusion(Components(tokenizer, text, unet, vae, scheduler), device, dtype)

@@ -72,7 +72,7 @@ def load_config(
     """Defaults of `schema`, the YAML at `path`, `flags` (dotted key → value, from named command-line
     options), then each `key.sub=value` override; checked by OmegaConf and the `__post_init__`s."""
     cfg = OmegaConf.structured(schema)
-    where = "defaults"
+    where = "command line"
     if path is not None:
         where = str(path)
         cfg = _merge(cfg, _read_yaml(path), where)

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from plumbing.config import load_config, parse_mixed, to_yaml
-from plumbing.dist import DistInfo
-from plumbing.errors import EXIT_USAGE, UserError
+from plumbing.errors import run_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,21 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config_file, overrides, show = args.pop("config"), args.pop("overrides"), args.pop("print_config")
     flags = {k: v for k, v in args.items() if v is not None}
-    rank = 0
-    try:
-        rank = DistInfo.from_env().rank
-        from retrieval.config import RetrievalConfig
+    return run_cli("retrieval", lambda: _main(config_file, overrides, flags, show))
 
-        cfg = load_config(RetrievalConfig, config_file, overrides, flags)
-        if show:
-            print(to_yaml(cfg), end="")
-            return 0
-        from retrieval.run import retrieve
 
-        return retrieve(cfg)
-    except UserError as err:
-        if rank == 0:
-            print(f"retrieval: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+def _main(config_file: Path | None, overrides: list[str], flags: dict[str, object], show: bool) -> int:
+    from retrieval.config import RetrievalConfig
+
+    cfg = load_config(RetrievalConfig, config_file, overrides, flags)
+    if show:
+        print(to_yaml(cfg), end="")
+        return 0
+    from retrieval.run import retrieve
+
+    return retrieve(cfg)

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from plumbing.config import load_config, to_yaml
-from plumbing.dist import DistInfo
-from plumbing.errors import EXIT_USAGE, UserError
+from plumbing.errors import run_cli
 
 
 def _has_cuda() -> bool:
@@ -35,21 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # accelerate imports DeepSpeed when it is installed, which then guesses its device aloud.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    rank = 0
-    try:
-        rank = DistInfo.from_env().rank
-        from sampler.config import SampleConfig
+    return run_cli("sampler", lambda: _main(args))
 
-        cfg = load_config(SampleConfig, args.config, args.overrides)
-        if args.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
-        from sampler.run import sample
 
-        return sample(cfg)
-    except UserError as err:
-        if rank == 0:
-            print(f"sampler: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+def _main(args: argparse.Namespace) -> int:
+    from sampler.config import SampleConfig
+
+    cfg = load_config(SampleConfig, args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from sampler.run import sample
+
+    return sample(cfg)

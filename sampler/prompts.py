@@ -12,7 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,9 @@ OPTIONAL = {
 
 
 @dataclass(frozen=True)
-class Item:
-    id: str
-    prompt: str
-    source: str  # file:line
+class Defaults:
+    """The settings every item has: from the config, unless its .jsonl line gives its own."""
+
     seed: int
     negative_prompt: str
     num_images: int
@@ -47,14 +46,10 @@ class Item:
 
 
 @dataclass(frozen=True)
-class Defaults:
-    seed: int
-    negative_prompt: str
-    num_images: int
-    guidance_scale: float
-    steps: int
-    width: int
-    height: int
+class Item(Defaults):
+    id: str
+    prompt: str
+    source: str  # file:line
 
 
 @dataclass
@@ -154,16 +149,10 @@ def _item(record: dict[str, Any], path: Path, lineno: int, defaults: Defaults) -
     digest = hashlib.sha1(prompt.encode()).hexdigest()[:8]
     item_id = given or f"{safe_name(path.stem, 40)}-{lineno:05d}-{digest}"
     base = Item(
+        **{**asdict(defaults), "seed": derive_seed(defaults.seed, item_id)},
         id=item_id,
         prompt=prompt.strip(),
         source=where,
-        seed=derive_seed(defaults.seed, item_id),
-        negative_prompt=defaults.negative_prompt,
-        num_images=defaults.num_images,
-        guidance_scale=defaults.guidance_scale,
-        steps=defaults.steps,
-        width=defaults.width,
-        height=defaults.height,
     )
     return replace(base, **{k: v for k, v in values.items() if k != "id"})
 

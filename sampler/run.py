@@ -5,6 +5,7 @@ array task takes its slice of those; any of them may be killed and rerun."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass
@@ -197,7 +198,7 @@ def ensure_model(cfg: SampleConfig, info: DistInfo) -> str:
         return cfg.model
     folder = Path(cfg.model)
     if info.is_main and not is_built(folder, cfg.tiny, cfg.tiny_clip):
-        staging = folder.with_name(f".{folder.name}.building-{id(cfg)}")
+        staging = folder.with_name(f".{folder.name}.building-{os.getpid()}")
         build_tiny_diffusion(staging, cfg.tiny, cfg.tiny_clip)
         if folder.exists():
             shutil.rmtree(folder)

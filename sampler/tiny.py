@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from plumbing.config import require
-from trainer.tiny import TinyConfig, tokenizer_vocab
+from trainer.tiny import TinyConfig, text_config, tiny_tokenizer
 
 MARKER = "tiny-preset.json"
 
@@ -37,25 +38,12 @@ class TinyDiffusionConfig:
 
 def build_tiny_diffusion(folder: Path, cfg: TinyDiffusionConfig, clip: TinyConfig) -> None:
     """unet/, vae/, scheduler/, text_encoder/, tokenizer/ and model_index.json in `folder`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(cfg.seed)
-    vocab, merges = tokenizer_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=clip.max_length)
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=clip.text_width,
-            intermediate_size=4 * clip.text_width,
-            num_hidden_layers=clip.layers,
-            num_attention_heads=clip.heads,
-            max_position_embeddings=clip.max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    tokenizer = tiny_tokenizer(clip.max_length)
+    text = CLIPTextModel(CLIPTextConfig(**text_config(clip, tokenizer)))
     unet = UNet2DConditionModel(
         sample_size=cfg.latent_size,
         in_channels=4,
@@ -78,15 +66,7 @@ def build_tiny_diffusion(folder: Path, cfg: TinyDiffusionConfig, clip: TinyConfi
         norm_num_groups=32,
         sample_size=2 * cfg.latent_size,
     )
-    # SD v1's schedule; steps_offset=1 as SD ships it (and without a FutureWarning).
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
@@ -101,6 +81,20 @@ def build_tiny_diffusion(folder: Path, cfg: TinyDiffusionConfig, clip: TinyConfi
     pipe.save_pretrained(folder, safe_serialization=True)
     (folder / MARKER).write_text(
         json.dumps({"diffusion": asdict(cfg), "clip": asdict(clip)}, indent=2) + "\n"
+    )
+
+
+def sd_scheduler() -> Any:
+    """Stable Diffusion v1's DDIM schedule; steps_offset=1 as SD ships it (and without a FutureWarning)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
 
 

@@ -100,21 +100,27 @@ def trainer_args(
     ]
 
 
+def launcher(nproc: int, module: str = "trainer") -> list[str]:
+    """The command that starts `module` on `nproc` local ranks with torchrun."""
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", module]
+
+
 def torchrun(
-    nproc: int, args: list[str], check: bool = True, timeout: float = 600
+    nproc: int, args: list[str], check: bool = True, timeout: float = 600, module: str = "trainer"
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        PY,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--standalone",
-        "-m",
-        "trainer",
-        *args,
+    return run([*launcher(nproc, module), *args], timeout=timeout, check=check)
+
+
+def sampler_args(model: Path, out: Path, *overrides: str) -> list[str]:
+    """configs/sample.yaml on an already built model folder, writing to `out`."""
+    return [
+        "--config",
+        str(ROOT / "configs/sample.yaml"),
+        f"model={model}",
+        "preset=''",
+        f"out_dir={out}",
+        *overrides,
     ]
-    return run(cmd, timeout=timeout, check=check)
 
 
 def scalars(tb_dir: Path, tag: str) -> dict[int, float]:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -18,32 +19,26 @@ import pytest
 import torch
 
 from plumbing.tars import end_of_archive, tar_member
-from tests.helpers import PY, ROOT, env, run, scalars, torchrun, trainer_args
+from tests.helpers import PY, ROOT, env, launcher, run, sampler_args, scalars, torchrun, trainer_args
 
 pytestmark = pytest.mark.system
 
 
 def launch(args: list[str], log: Path, nproc: int = 2) -> subprocess.Popen[bytes]:
     """torchrun in its own session, so that a test can kill it (or one of its workers) whole."""
-    cmd = [
-        PY,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "-m",
-        "trainer",
-        *args,
-    ]
+    cmd = [*launcher(nproc), *args]
     return subprocess.Popen(
         cmd, env=env(), cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
     )
 
 
 def wait_until(
-    condition, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.05
-) -> None:  # noqa: ANN001
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
+    poll: float = 0.05,
+) -> None:
     deadline = time.time() + timeout
     while not condition():
         assert time.time() < deadline, f"timed out waiting for {what}"
@@ -282,19 +277,7 @@ def test_sampler_disk_full_is_one_line_and_nothing_incomplete_is_listed(tmp_path
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(4)))
     out = tmp_path / "out"
-    args = [
-        PY,
-        "-m",
-        "sampler",
-        "--config",
-        str(ROOT / "configs/sample.yaml"),
-        f"model={model}",
-        "preset=''",
-        f"out_dir={out}",
-        "steps=2",
-        f"prompts=[{prompts}]",
-        "batch_size=1",
-    ]
+    args = [PY, "-m", "sampler", *sampler_args(model, out, "steps=2", f"prompts=[{prompts}]", "batch_size=1")]
 
     def small_disk() -> None:  # a file-size limit: writes past 6 KiB fail with EFBIG, as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (6 * 1024, 6 * 1024))

@@ -4,12 +4,13 @@ retrieval recall on the same model and data; caching, reruns, bad input."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.helpers import PY, run, trainer_args
+from tests.helpers import PY, run, torchrun, trainer_args
 
 pytestmark = pytest.mark.system
 
@@ -40,7 +41,7 @@ def trained(small_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     return {"export": run_dir / "export", "eval": run_dir / "eval.jsonl", "manifest": small_data["flickr8k"]}
 
 
-def retrieval(*args: str, check: bool = True):  # noqa: ANN201
+def retrieval(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run([PY, "-m", "retrieval", *args], check=check)
 
 
@@ -210,21 +211,6 @@ def test_two_ranks_split_the_images_and_agree_with_one(trained: dict[str, Path],
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     retrieval("caption", *common, "--out", str(one))
-    run(
-        [
-            PY,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "retrieval",
-            "caption",
-            *common,
-            "--out",
-            str(two),
-        ]
-    )
+    torchrun(2, ["caption", *common, "--out", str(two)], module="retrieval")
     assert sorted(p.name for p in (two / "parts").iterdir()) == ["a0000-r0000.jsonl", "a0000-r0001.jsonl"]
     assert (one / "captions.jsonl").read_text() == (two / "captions.jsonl").read_text()

@@ -19,7 +19,7 @@ from plumbing.errors import UserError
 from sampler.pipeline import SCHEDULERS, LatentDiffusion, Request, load_components
 from sampler.prompts import Defaults, read_prompts
 from sampler.tiny import TinyDiffusionConfig, build_tiny_diffusion
-from tests.helpers import PY, ROOT, env, run, torchrun, trainer_args
+from tests.helpers import PY, ROOT, env, run, sampler_args, torchrun, trainer_args
 from trainer.tiny import TinyConfig
 
 CLIP = TinyConfig(image_size=64, patch_size=8)  # the demo-flickr8k tiny CLIP
@@ -36,19 +36,7 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def sampler(out: Path, model: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    args = [
-        PY,
-        "-m",
-        "sampler",
-        "--config",
-        str(ROOT / "configs/sample.yaml"),
-        f"model={model}",
-        "preset=''",
-        f"out_dir={out}",
-        "steps=4",
-        *overrides,
-    ]
-    return run(args, check=check)
+    return run([PY, "-m", "sampler", *sampler_args(model, out, "steps=4", *overrides)], check=check)
 
 
 def pixels(out: Path) -> dict[tuple[str, int], np.ndarray]:
@@ -124,28 +112,8 @@ def test_same_images_on_one_and_two_ranks(tiny_sd: Path, tmp_path: Path) -> None
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(5)))
     single, double = tmp_path / "one", tmp_path / "two"
     sampler(single, tiny_sd, f"prompts=[{prompts}]", "batch_size=2")
-    cmd = [
-        PY,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "sampler",
-        "--config",
-        str(ROOT / "configs/sample.yaml"),
-    ]
-    run(
-        [
-            *cmd,
-            f"model={tiny_sd}",
-            "preset=''",
-            f"out_dir={double}",
-            "steps=4",
-            f"prompts=[{prompts}]",
-            "batch_size=2",
-        ]
+    torchrun(
+        2, sampler_args(tiny_sd, double, "steps=4", f"prompts=[{prompts}]", "batch_size=2"), module="sampler"
     )
     assert sorted(p.name for p in (double / "parts").iterdir()) == ["a0000-r0000.jsonl", "a0000-r0001.jsonl"]
     assert_same_images(pixels(single), pixels(double))
@@ -159,14 +127,7 @@ def test_killed_run_then_rerun_gives_exactly_the_requested_images(tiny_sd: Path,
         PY,
         "-m",
         "sampler",
-        "--config",
-        str(ROOT / "configs/sample.yaml"),
-        f"model={tiny_sd}",
-        "preset=''",
-        f"out_dir={out}",
-        "steps=6",
-        f"prompts=[{prompts}]",
-        "batch_size=1",
+        *sampler_args(tiny_sd, out, "steps=6", f"prompts=[{prompts}]", "batch_size=1"),
     ]
     proc = subprocess.Popen(args, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -245,3 +245,24 @@ def test_a_bad_config_file_is_one_line(tmp_path: Path) -> None:
         and proc.stderr.strip()
         == f"trainer: error: {bad}: unknown key 'train.epocs' (Key 'epocs' not in 'LoopConfig'. Did you mean: 'epochs'?)"
     )
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_exports_hold_the_fp32_master_weights(
+    small_data: dict[str, Path], tmp_path: Path, stage: int
+) -> None:
+    """Under bf16 the module keeps rounded copies; the export must carry DeepSpeed's fp32 masters."""
+    from trainer.model import CLIPFineTuner
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        "train.max_steps=3",
+        "deepspeed.precision=bf16",
+        f"deepspeed.zero_stage={stage}",
+        "data.workers=1",
+        "eval.at_start=false",
+    ]
+    run([PY, "-m", "trainer", *trainer_args(small_data["cifar10"], run_dir, *overrides)])
+    tuned = CLIPFineTuner.from_pretrained(run_dir / "export")
+    weights = [p for n, p in tuned.named_parameters() if n.startswith("clip.vision_model.encoder")]
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in weights)  # finer than bf16: the fp32 masters

@@ -88,7 +88,7 @@ class Checkpointer:
         ]
         return sorted(found, key=lambda p: read_json(p / STATE)["state"]["step"])
 
-    def save(self, engine: Any, state: TrainState, config: dict[str, Any]) -> Path:
+    def save(self, engine: Any, state: TrainState, config: dict[str, Any], groups: list[list[str]]) -> Path:
         final = self.root / state.tag()
         if state.tag() in self.saved:  # the same step saved already (e.g. epoch end and every_steps agree)
             return final
@@ -98,7 +98,7 @@ class Checkpointer:
             for stale in self.root.glob(PARTIAL + "*"):
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
-        payload = {"state": asdict(state), "config": config}
+        payload = {"state": asdict(state), "config": config, "param_groups": groups}
         ds.save_checkpoint(engine, self.root, tag, {"trainer": payload})
         torch.save(_rng_state(), self.root / tag / f"rng-rank{self.info.rank:05d}.pt")
         _barrier()

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 from pathlib import Path
 
 from plumbing.config import load_config, to_yaml
-from plumbing.dist import DistInfo
-from plumbing.errors import EXIT_USAGE, UserError
+from plumbing.errors import run_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,26 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # DeepSpeed 0.19 still calls torch.distributed's old collective names: one warning per call.
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use .*", category=FutureWarning)
-    rank = 0
-    try:
-        rank = DistInfo.from_env().rank
-        from trainer.config import TrainConfig
+    return run_cli("trainer", lambda: _main(args))
 
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-        if args.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
-        if args.check:
-            from trainer.plan import check
 
-            print(check(cfg, args.world_size))
-            return 0
-        from trainer.train import train
+def _main(args: argparse.Namespace) -> int:
+    from trainer.config import TrainConfig
 
-        return train(cfg)
-    except UserError as err:
-        if rank == 0:  # every rank raises the same error; one line is enough
-            print(f"trainer: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    if args.check:
+        from trainer.plan import check
+
+        print(check(cfg, args.world_size))
+        return 0
+    from trainer.train import train
+
+    return train(cfg)

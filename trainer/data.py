@@ -496,6 +496,25 @@ class TrainData:
         self.train_transform = ImageTransform.of(processor, cfg, train=True)
         self.eval_transform = ImageTransform.of(processor, cfg, train=False)
 
+    @classmethod
+    def of(
+        cls, cfg: Any, manifest: Manifest, info: Any, collate: Collate, processor: Any, device: str
+    ) -> TrainData:
+        """From a TrainConfig and the launch (DistInfo)."""
+        t = cfg.train
+        return cls(
+            cfg.data,
+            manifest,
+            info.rank,
+            info.world_size,
+            t.batch_size,
+            t.grad_accum,
+            cfg.run.seed,
+            collate,
+            processor,
+            device.startswith("cuda"),
+        )
+
     @property
     def micro_per_epoch(self) -> int:
         return self.steps_per_epoch * self.accum

@@ -14,6 +14,7 @@ import gc
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,7 +207,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float):  # noqa: ANN201
+def group_names(model: torch.nn.Module, weight_decay: float) -> list[list[str]]:
+    """Parameter names of each optimizer group, in order: maps optimizer-held fp32 copies to names."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in param_groups(model, weight_decay)]
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -263,24 +270,38 @@ def load_checkpoint(engine: Any, root: Path, tag: str) -> None:
         raise UserError(f"{root / tag}: DeepSpeed found no checkpoint to load")
 
 
-def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of the model from a checkpoint of any ZeRO stage."""
+def consolidated_state_dict(
+    checkpoint: Path, groups: list[list[str]] | None = None
+) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of the model from a checkpoint of any ZeRO stage. `groups` (the
+    optimizer groups' parameter names, kept in trainer_state.json) finds the fp32 masters that
+    stage 0 with bf16/fp16 keeps inside its optimizer state."""
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        return _consolidate(checkpoint)  # zero_to_fp32 prints every tensor group it reassembles
+        return _consolidate(checkpoint, groups)  # zero_to_fp32 prints every tensor group it reassembles
 
 
-def _consolidate(checkpoint: Path) -> dict[str, torch.Tensor]:
+def _consolidate(checkpoint: Path, groups: list[list[str]] | None) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if list(checkpoint.glob("*zero_pp_rank_*optim_states.pt")) or list(checkpoint.glob("*_optim_states.pt")):
-        if any("zero" in p.name for p in checkpoint.iterdir()):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-            return {k: v.float() for k, v in state.items()}
+    # ZeRO 1-3 (bf16 too) keep the fp32 master weights in per-rank partitions: reassemble them.
+    if any("zero_pp_rank" in p.name for p in checkpoint.iterdir()):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        return {k: v.float() for k, v in state.items()}
     model_file = checkpoint / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise UserError(f"{checkpoint}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
     saved = torch.load(model_file, map_location="cpu", weights_only=True)  # tensors and plain data only
-    return {k: v.float() for k, v in saved["module"].items()}
+    state = {k: v.float() for k, v in saved["module"].items()}
+    masters = (
+        (saved.get("optimizer") or {}).get("fp32_groups")
+        if isinstance(saved.get("optimizer"), dict)
+        else None
+    )
+    if masters and groups:  # stage 0 with bf16/fp16: the module holds rounded copies
+        for names, tensors in zip(groups, masters, strict=True):
+            for name, tensor in zip(names, tensors, strict=True):
+                state[name] = tensor.float().view_as(state[name])
+    return state
 
 
 def teardown(engine: Any) -> None:

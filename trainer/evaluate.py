@@ -112,6 +112,25 @@ class Evaluator:
             device,
         )
 
+    @classmethod
+    def of(
+        cls, cfg: Any, data: Any, class_prompts: dict[str, torch.Tensor] | None, collate: Any, device: str
+    ) -> Evaluator:
+        """From a TrainConfig, the run's TrainData and Collate."""
+
+        def loader() -> Any:  # a fresh loader per evaluation
+            return data.eval_loader(cfg.eval.batch_size)
+
+        return cls(
+            cfg.eval,
+            cfg.train.objective,
+            loader,
+            class_prompts,
+            len(cfg.train.class_templates),
+            collate.tokenize,
+            device,
+        )
+
     def should_eval(self, epoch_done: int, last: bool) -> bool:
         if self.cfg.every_epochs == 0:
             return False

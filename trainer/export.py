@@ -40,7 +40,7 @@ def export(checkpoint: Path | None, out: Path, overwrite: bool = False) -> Path:
     cfg = config_from_dict(TrainConfig, payload["config"], str(checkpoint / STATE))
     source = str(Path(cfg.run.dir) / "base-model") if cfg.model.preset == "tiny" else cfg.model.name
     model = build_finetuner(cfg.model, source)
-    state = consolidated_state_dict(checkpoint)
+    state = consolidated_state_dict(checkpoint, payload.get("param_groups"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "clip.logit_scale"]  # frozen, 0-dim, set from ours on save
     if missing or unexpected:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,14 +95,17 @@ def tokenizer_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: i for i, token in enumerate(vocab)}, merges
 
 
-def build_tiny_clip(folder: Path, cfg: TinyConfig) -> None:
-    """Write config.json, model.safetensors, the tokenizer and preprocessor_config.json into `folder`."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+def tiny_tokenizer(max_length: int) -> Any:
+    from transformers import CLIPTokenizer
 
     vocab, merges = tokenizer_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=cfg.max_length)
-    text = dict(
-        vocab_size=len(vocab),
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def text_config(cfg: TinyConfig, tokenizer: Any) -> dict[str, Any]:
+    """The tiny text tower, as CLIPTextConfig arguments (the sampler's tiny text encoder has its shape)."""
+    return dict(
+        vocab_size=len(tokenizer),
         hidden_size=cfg.text_width,
         intermediate_size=4 * cfg.text_width,
         num_hidden_layers=cfg.layers,
@@ -111,6 +115,13 @@ def build_tiny_clip(folder: Path, cfg: TinyConfig) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_tiny_clip(folder: Path, cfg: TinyConfig) -> None:
+    """Write config.json, model.safetensors, the tokenizer and preprocessor_config.json into `folder`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = tiny_tokenizer(cfg.max_length)
     vision = dict(
         hidden_size=cfg.width,
         intermediate_size=4 * cfg.width,
@@ -120,7 +131,11 @@ def build_tiny_clip(folder: Path, cfg: TinyConfig) -> None:
         patch_size=cfg.patch_size,
     )
     torch.manual_seed(cfg.seed)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
+    model = CLIPModel(
+        CLIPConfig(
+            text_config=text_config(cfg, tokenizer), vision_config=vision, projection_dim=cfg.projection_dim
+        )
+    )
     processor = CLIPImageProcessor(
         size={"shortest_edge": cfg.image_size},
         crop_size={"height": cfg.image_size, "width": cfg.image_size},

@@ -21,7 +21,7 @@ from plumbing.logs import setup_logging
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import TrainConfig
 from trainer.data import Collate, TrainData
-from trainer.engine import BatchSizes, build_engine, teardown
+from trainer.engine import BatchSizes, build_engine, group_names, teardown
 from trainer.evaluate import Evaluator
 from trainer.export import export
 from trainer.model import build_finetuner, load_processors
@@ -54,15 +54,8 @@ def train(cfg: TrainConfig) -> int:
     engine = monitor = None
     try:
         log.info(
-            "%s launch: %d ranks on %d nodes (this is %s, rank %d); device %s",
-            info.launcher,
-            info.world_size,
-            info.num_nodes,
-            info.node_name,
-            info.rank,
-            device,
+            "%s launch, %d ranks (%s); device %s", info.launcher, info.world_size, ranks_by_node(info), device
         )
-        log.info("ranks by node: %s", ranks_by_node(info))
         manifest = check_data(cfg, info)  # 1. the data, checked before anything heavy
         if info.is_main:
             save_config(cfg, run.config)
@@ -72,45 +65,26 @@ def train(cfg: TrainConfig) -> int:
         tokenizer, processor = load_processors(source)
         max_length = model.clip.config.text_config.max_position_embeddings
         collate = Collate(tokenizer, max_length, cfg.train.objective == "contrastive", processor)
-        data = TrainData(
-            cfg.data,
-            manifest,
-            info.rank,
-            info.world_size,
-            cfg.train.batch_size,
-            cfg.train.grad_accum,
-            cfg.run.seed,
-            collate,
-            processor,
-            device.startswith("cuda"),
-        )  # 3. the epoch plan
+        data = TrainData.of(cfg, manifest, info, collate, processor, device)  # 3. the epoch plan
         schedule = data.steps_per_epoch * cfg.train.epochs  # the LR horizon: train.max_steps only stops early
         total = min(schedule, cfg.train.max_steps) if cfg.train.max_steps else schedule
         sizes = BatchSizes(cfg.train.batch_size, cfg.train.grad_accum, info.world_size)
+        on_cuda = device.startswith("cuda")
         engine = build_engine(
-            model, cfg.model, cfg.deepspeed, cfg.optim, sizes, schedule, device.startswith("cuda")
+            model, cfg.model, cfg.deepspeed, cfg.optim, sizes, schedule, on_cuda
         )  # 4. DeepSpeed
         ckpt = Checkpointer(cfg.checkpoint, run.checkpoints, info)
         state = TrainState(
-            world_size=info.world_size, loader_workers=data.layout.workers, micro_batch=cfg.train.batch_size
+            world_size=info.world_size, loader_workers=data.layout.workers, micro_batch=sizes.micro
         )
         found = ckpt.find(cfg.resume)  # 5. resume
         if found is not None:
             state = ckpt.load(engine, found, state)
         class_prompts = prompts(manifest, cfg, collate) if cfg.train.objective == "classification" else None
-        evaluator = Evaluator(
-            cfg.eval,
-            cfg.train.objective,
-            lambda: data.eval_loader(cfg.eval.batch_size),
-            class_prompts,
-            len(cfg.train.class_templates),
-            collate.tokenize,
-            device,
-        )
+        evaluator = Evaluator.of(cfg, data, class_prompts, collate, device)
         monitor = Monitor(run.root, info.is_main, device, cfg.run.log_every, total, state.step)
         log.info(
-            "%d samples, %d steps/epoch × %d epochs (%d steps), global batch %d; run folder %s",
-            manifest.split(cfg.data.train_split).num_samples,
+            "%d steps/epoch × %d epochs (%d steps), global batch %d; run folder %s",
             data.steps_per_epoch,
             cfg.train.epochs,
             total,
@@ -132,6 +106,7 @@ def train(cfg: TrainConfig) -> int:
 
 
 def ranks_by_node(info: DistInfo) -> str:
+    """Which ranks run where, e.g. "node1: 0,1; node2: 2,3"."""
     names: list[str] = [info.node_name] * info.world_size
     if dist.is_initialized() and info.world_size > 1:
         dist.all_gather_object(names, info.node_name)
@@ -203,6 +178,7 @@ class Loop:
         self.state, self.class_prompts, self.device, self.total = state, class_prompts, device, total
         self.dtype = next(engine.module.parameters()).dtype
         self.config = to_dict(cfg)
+        self.groups = group_names(engine.module, cfg.optim.weight_decay)
         done = ckpt.complete()
         self.last_checkpoint: Path | None = done[-1] if done else None
         self.signals = StopSignals()
@@ -356,7 +332,7 @@ class Loop:
                 self.last_checkpoint,
             )
             return False
-        self.last_checkpoint = self.ckpt.save(self.engine, self.state, self.config)
+        self.last_checkpoint = self.ckpt.save(self.engine, self.state, self.config, self.groups)
         return True
 
     def preempted(self) -> int:
