@@ -33,8 +33,8 @@ from retrieval.sources import (
     ImageSet,
     Text,
     image_files,
-    iter_manifest,
     manifest_images,
+    picture_of,
     read_texts,
 )
 
@@ -356,14 +356,7 @@ def _sheet(path: Path, cells: list[tuple[str, str]], cfg: RetrievalConfig, title
 
 
 def _picture(source: str, cfg: RetrievalConfig) -> Image.Image | None:
-    if cfg.manifest and ":" in source:
-        key = source.rsplit(":", 1)[1]
-        return next((p for _, p in iter_manifest(Path(cfg.manifest), cfg.split, {key})), None)
-    try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError):
-        return None
+    return picture_of(source, Path(cfg.manifest) if cfg.manifest else None, cfg.split)
 
 
 def barrier() -> None:

@@ -7,10 +7,12 @@ import glob
 import hashlib
 import io
 import json
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import webdataset as wds
 from PIL import Image
 
 from data_prep.manifest import load_manifest
@@ -49,35 +51,88 @@ class ImageSet:
             for key, picture in iter_manifest(self.manifest, self.split, set(by_key)):
                 yield by_key[key], picture
             return
+        in_tars: dict[str, dict[str, ImageItem]] = {}
         for item in items:
-            try:
-                with Image.open(item.source) as image:
-                    yield item, image.convert("RGB")
-            except (OSError, ValueError, Image.DecompressionBombError):
-                yield item, None
+            if Path(item.source).suffix.lower() in IMAGE_SUFFIXES:
+                yield item, _open(item.source)
+            else:  # a sample of a WebDataset shard: read below, a shard at a time
+                shard, key = item.source.rsplit(":", 1)
+                in_tars.setdefault(shard, {})[key] = item
+        for shard, wanted in in_tars.items():
+            for key, data in _tar_images(Path(shard)):
+                if key in wanted:
+                    yield wanted.pop(key), _decode(data)
+            yield from ((item, None) for item in wanted.values())
+
+
+def picture_of(source: str, manifest: Path | None, split: str) -> Image.Image | None:
+    """One picture by its `source` (a file, shard:key of a WebDataset shard, or of a manifest split)."""
+    if Path(source).suffix.lower() in IMAGE_SUFFIXES:
+        return _open(source)
+    shard, key = source.rsplit(":", 1)
+    if manifest is not None:
+        return next((p for _, p in iter_manifest(manifest, split, {key})), None)
+    return next((_decode(data) for k, data in _tar_images(Path(shard)) if k == key), None)
+
+
+def _open(path: str) -> Image.Image | None:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _decode(data: bytes) -> Image.Image | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _tar_images(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(key, image bytes) of every sample with an image member in a WebDataset shard."""
+    try:
+        for sample in wds.tariterators.tarfile_samples(iter([{"url": str(path)}])):
+            data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+            if data is not None:
+                yield sample["__key__"], data
+    except (OSError, tarfile.TarError) as err:
+        raise UserError(f"{path}: not a readable WebDataset shard ({err})") from None
 
 
 def image_files(patterns: list[str]) -> ImageSet:
+    """Image files, folders and globs; WebDataset shards (.tar) count as folders of their samples."""
     paths: list[Path] = []
     for pattern in patterns:
         path = Path(pattern)
         if glob.has_magic(pattern):
             found = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in (*IMAGE_SUFFIXES, ".tar"))
         elif path.is_file():
             found = [path]
         else:
             raise UserError(f"images: {pattern!r}: no such file, folder or glob")
-        paths += [p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p not in paths]
-    if not paths:
-        raise UserError(f"images: {' '.join(patterns)} hold no .jpg/.png images")
+        paths += [
+            p
+            for p in found
+            if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".tar") and p not in paths
+        ]
+    items: list[ImageItem] = []
     digest = hashlib.sha256()
     for p in paths:
         stat = p.stat()
         digest.update(f"{p.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        if p.suffix.lower() == ".tar":
+            items += [ImageItem(f"{p.name}/{key}", f"{p}:{key}") for key, _ in _tar_images(p)]
+        else:
+            items.append(ImageItem(str(p), str(p)))
+    if not items:
+        raise UserError(f"images: {' '.join(patterns)} hold no .jpg/.png images")
     home = Path(patterns[0]) if Path(patterns[0]).is_dir() else paths[0].parent
-    return ImageSet([ImageItem(str(p), str(p)) for p in paths], digest.hexdigest(), home)
+    return ImageSet(items, digest.hexdigest(), home)
 
 
 def manifest_images(path: str, split: str) -> ImageSet:
@@ -94,13 +149,8 @@ def manifest_images(path: str, split: str) -> ImageSet:
 def iter_manifest(path: Path, split: str, wanted: set[str]) -> Iterator[tuple[str, Image.Image | None]]:
     """(key, picture or None when it does not decode) for the wanted keys, in manifest order."""
     for key, _, _, data in _samples(str(path), split, with_images=True):
-        if key not in wanted:
-            continue
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                yield key, image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError):
-            yield key, None
+        if key in wanted:
+            yield key, _decode(data)
 
 
 def _samples(path: str, split: str, with_images: bool) -> Iterator[tuple[str, str, tuple[str, ...], bytes]]:

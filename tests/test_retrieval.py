@@ -3,6 +3,7 @@ retrieval recall on the same model and data; caching, reruns, bad input."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from plumbing.tars import write_tar
 from tests.helpers import PY, run, torchrun, trainer_args
 
 pytestmark = pytest.mark.system
@@ -107,6 +109,12 @@ def test_files_bank_cache_rerun_and_unreadable_images(trained: dict[str, Path], 
     for i, colour in enumerate(["red", "blue", "green"]):
         Image.new("RGB", (80, 60), colour).save(photos / f"{i}-{colour}.jpg")
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 not a picture")
+    pictures = []  # and a WebDataset shard of two more, read as a folder of its samples
+    for key, colour in (("k1", "red"), ("k2", "green")):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 40), colour).save(buffer, format="PNG")
+        pictures += [(f"{key}.png", buffer.getvalue()), (f"{key}.txt", b"ignored")]
+    write_tar(str(photos / "shard.tar"), pictures)
     bank = tmp_path / "bank.txt"
     bank.write_text("# my captions\na red picture .\na blue picture .\na green picture .\n")
     out = tmp_path / "out"
@@ -126,7 +134,7 @@ def test_files_bank_cache_rerun_and_unreadable_images(trained: dict[str, Path], 
     cache = list((tmp_path / ".retrieval-cache").glob("bank-*.safetensors"))
     assert len(cache) == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["records"] == 4 and summary["skipped"] == [str(photos / "broken.jpg")]
+    assert summary["records"] == 6 and summary["skipped"] == [str(photos / "broken.jpg")]
     records = {
         json.loads(line)["image"]: json.loads(line)
         for line in (out / "captions.jsonl").read_text().splitlines()
@@ -148,9 +156,9 @@ def test_files_bank_cache_rerun_and_unreadable_images(trained: dict[str, Path], 
     )
     assert (
         "embeddings from the cache" in again.stderr
-        and "4 already captioned; this process captions 0" in again.stderr
+        and "6 already captioned; this process captions 0" in again.stderr
     )
-    assert (out / "captions.jsonl").read_text().count("\n") == 4
+    assert (out / "captions.jsonl").read_text().count("\n") == 6
 
 
 def test_clear_errors(trained: dict[str, Path], tmp_path: Path) -> None:

@@ -231,3 +231,21 @@ def test_a_trainer_export_swaps_in_as_the_text_encoder(
     summary = json.loads((tuned / "summary.json").read_text())
     assert summary["done"] == 1 and "clip_score" in summary
     assert (tuned / "contact_sheet.png").is_file() and list((tuned / "tensorboard").iterdir())
+
+
+def test_eager_attention_and_webdataset_output(tiny_sd: Path, tmp_path: Path) -> None:
+    import webdataset as wds
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    sdpa, eager = tmp_path / "sdpa", tmp_path / "eager"
+    sampler(sdpa, tiny_sd, f"prompts=[{prompts}]", "webdataset=true")
+    sampler(eager, tiny_sd, f"prompts=[{prompts}]", "attention=eager")
+    assert_same_images(pixels(sdpa), pixels(eager))
+    samples = list(
+        wds.WebDataset([str(p) for p in sorted((sdpa / "shards").glob("*.tar"))], shardshuffle=False)
+    )
+    assert len(samples) == 2
+    for sample in samples:
+        record = json.loads(sample["json"])
+        assert sample["png"] == (sdpa / record["file"]).read_bytes()

@@ -266,3 +266,90 @@ def test_bf16_exports_hold_the_fp32_master_weights(
     tuned = CLIPFineTuner.from_pretrained(run_dir / "export")
     weights = [p for n, p in tuned.named_parameters() if n.startswith("clip.vision_model.encoder")]
     assert any(not torch.equal(w, w.bfloat16().float()) for w in weights)  # finer than bf16: the fp32 masters
+
+
+def test_checkpointing_and_offload_options_follow_the_plain_loss_curve(
+    small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """Gradient checkpointing, ZeRO-Offload (DeepSpeedCPUAdam, built once) and ZeRO-3 parameter offload
+    change where memory goes, not the arithmetic: the same losses as a plain ZeRO-2 run."""
+    variants = {
+        "plain": [],
+        "checkpointing": ["model.gradient_checkpointing=true"],
+        "offload": ["deepspeed.offload_optimizer=true"],
+        "stage3-offload": [
+            "deepspeed.zero_stage=3",
+            "deepspeed.offload_param=true",
+            "deepspeed.offload_optimizer=true",
+        ],
+    }
+    curves = {}
+    for name, extra in variants.items():
+        run_dir = tmp_path / name
+        run(
+            [
+                PY,
+                "-m",
+                "trainer",
+                *trainer_args(
+                    small_data["cifar10"],
+                    run_dir,
+                    "train.max_steps=4",
+                    "data.workers=1",
+                    "eval.at_start=false",
+                    *extra,
+                ),
+            ]
+        )
+        curves[name] = scalars(run_dir / "tensorboard", "train/loss")
+    for name, curve in curves.items():
+        assert (
+            curve.keys() == {1, 2, 3, 4} and max(abs(curve[s] - curves["plain"][s]) for s in curve) < 1e-4
+        ), name
+
+
+def test_keep_last_prunes_old_checkpoints_and_the_export_cli(
+    small_data: dict[str, Path], stages: dict[int, Path], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    run(
+        [
+            PY,
+            "-m",
+            "trainer",
+            *trainer_args(
+                small_data["cifar10"],
+                run_dir,
+                "train.epochs=1",
+                "checkpoint.every_steps=2",
+                "checkpoint.keep_last=2",
+                "data.workers=1",
+            ),
+        ]
+    )
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == [
+        "step-00000008",
+        "step-00000010",
+    ]
+    # the export command, by hand, on any checkpoint: refuses to overwrite, writes a loadable export
+    checkpoint = stages[0] / "checkpoints" / "step-00000010"
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "mine.txt").write_text("not yours")
+    refused = run(
+        [PY, "-m", "trainer.export", "--checkpoint", str(checkpoint), "--out", str(out)], check=False
+    )
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr and (out / "mine.txt").exists()
+    run([PY, "-m", "trainer.export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "fresh")])
+    info = json.loads((tmp_path / "fresh" / "export.json").read_text())
+    assert info["step"] == 10 and (tmp_path / "fresh" / "text_encoder" / "model.safetensors").is_file()
+
+
+def test_hparams_are_logged_with_the_final_metrics(stages: dict[int, Path]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(stages[2] / "tensorboard"))
+    acc.Reload()
+    assert acc.PluginTagToContent("hparams"), "no hparams summary"
+    final = scalars(stages[2] / "tensorboard", "hparam/top1")
+    assert final and 0 < next(iter(final.values())) <= 1

@@ -56,6 +56,7 @@ class Monitor:
             self.writer = SummaryWriter(str(tb_dir), purge_step=start_step + 1 if start_step else None)
         self.bar = progress(total_steps, "train", "step", enabled=enabled, initial=start_step)
         self.window = Window()
+        self.last_eval: dict[str, float] = {}
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
@@ -135,6 +136,7 @@ class Monitor:
     def evaluation(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         """TensorBoard, the log, and one JSON line in <run>/eval.jsonl (python -m trainer.report)."""
         self.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        self.last_eval = metrics
         if self.enabled:
             with open(self.eval_log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
@@ -144,10 +146,11 @@ class Monitor:
                 f"eval after epoch {epoch} (step {step}): {shown}"
             ) if not self.bar.disable else log.info("eval after epoch %d (step %d): %s", epoch, step, shown)
 
-    def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    def hparams(self, params: dict[str, Any]) -> None:
+        """TensorBoard's HParams table: the run's main settings against its last evaluation."""
         if self.writer is not None:
             flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
-            self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+            self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in self.last_eval.items()}, run_name=".")
 
     def close(self) -> None:
         self.bar.close()

@@ -93,6 +93,7 @@ def train(cfg: TrainConfig) -> int:
         )
         loop = Loop(cfg, engine, data, ckpt, evaluator, monitor, state, class_prompts, device, total)
         code = loop.run()  # 6. train
+        monitor.hparams(hyperparameters(cfg, sizes))
         if code == 0 and info.is_main:  # 7. export
             export(loop.last_checkpoint, run.export, overwrite=True)
             log.info("export: %s (tensorboard --logdir %s)", run.export, run.tensorboard)
@@ -103,6 +104,21 @@ def train(cfg: TrainConfig) -> int:
             monitor.close()
         teardown(engine)
         destroy_process_group()
+
+
+def hyperparameters(cfg: TrainConfig, sizes: BatchSizes) -> dict[str, Any]:
+    return {
+        "model": cfg.model.name if cfg.model.preset != "tiny" else "tiny",
+        "objective": cfg.train.objective,
+        "head": cfg.model.head,
+        "lr": cfg.optim.lr,
+        "weight_decay": cfg.optim.weight_decay,
+        "epochs": cfg.train.epochs,
+        "global_batch": sizes.global_batch,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "precision": cfg.deepspeed.precision,
+        "seed": cfg.run.seed,
+    }
 
 
 def ranks_by_node(info: DistInfo) -> str:
