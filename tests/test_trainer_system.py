@@ -324,6 +324,7 @@ def test_keep_last_prunes_old_checkpoints_and_the_export_cli(
                 "checkpoint.every_steps=2",
                 "checkpoint.keep_last=2",
                 "data.workers=1",
+                "train.batch_size=32",  # 320 samples, one rank: 10 steps
             ),
         ]
     )

@@ -72,7 +72,7 @@ GRES
 
 # A restart needs every daemon to read the same slurm.conf: stop what an earlier start left.
 bash "$(dirname "$0")/stop.sh" >/dev/null 2>&1 || true
-slurmctld -f "$CONF"
+slurmctld -c -f "$CONF"  # -c: start with an empty queue, never jobs left by an interrupted run
 slurmd -N node1 -f "$CONF"
 slurmd -N node2 -f "$CONF"
 
