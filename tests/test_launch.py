@@ -77,7 +77,8 @@ def wait_for(
         time.sleep(0.5)
     info = job(jobid)
     subprocess.run(["scancel", "--full", jobid], env=env(SLURM_CONF=SLURM_CONF), check=False)
-    log = Path(info.get("StdOut", "")).read_text()[-3000:] if Path(info.get("StdOut", "/")).is_file() else ""
+    out = Path(info.get("StdOut") or "/nonexistent")
+    log = out.read_text()[-3000:] if out.is_file() else ""
     raise AssertionError(f"job {jobid} still {info.get('JobState')} after {timeout} s; its log:\n{log}")
 
 
