@@ -1,220 +1,386 @@
-"""GPU benchmark with real model sizes, random-init from configs (no network): one table + JSON.
+"""The GPU drill: the commands users run, on one GPU, at real model sizes, random-init from configs
+(no network), in ONE call of at most 8 minutes; it writes bench/results/gpu-<device>-<date>.json and
+prints a table.
 
-    python -m bench.gpu --out bench/results/gpu-h100.json       # one H100/H200: ≤ 8 minutes
-    python -m bench.gpu --tiny                                   # a CPU smoke run of the same code (tests)
+    python -m bench.gpu                 # one H100/H200 (see bench/gpu_wheels.sh for a bare machine)
+    python -m bench.gpu --tiny          # the same code on tiny models, on the CPU (the test suite runs it)
 
-1. Trainer, contrastive task, DeepSpeed ZeRO-2 bf16, one GPU, large batch: samples/s and model FLOP
-   utilisation for CLIP ViT-B/32 and ViT-L/14 (FLOPs: 6 × parameters × tokens, plus attention
-   scores, PaLM appendix B; peak: the card's dense bf16 rate).
-2. Peak memory per ZeRO stage (0–3) for ViT-B/32 at that batch. On one GPU ZeRO partitions nothing,
-   so the stages differ only by their own buffers: the numbers bound what a multi-GPU run needs.
-3. Sampler: images/s with an SD-v1-sized U-Net and VAE and the ViT-L/14 text encoder, 512×512,
-   25 DDIM steps, fp16, batch 1 and 8.
+Each step is a real entry point in a subprocess, printed before it runs ($ …); any failure stops the
+drill with the step named and a non-zero exit, never a skipped part:
+
+1. data: `python -m data_prep synthetic` and `python -m data_prep flickr8k`: Flickr8k-format shards
+   of 256×256 JPEGs (decoded and cropped to 224 px by the loader, as real photos would be).
+2. trainer: `torchrun --nproc-per-node 1 -m trainer` on configs/flickr8k.yaml with a random-init CLIP
+   ViT-B/32 (`model.preset=vit-b-32`), bf16, under ZeRO-2 and ZeRO-3: a few hundred steps and a
+   checkpoint, then `resume=auto` for a few more, then the export loaded with
+   `transformers.CLIPModel.from_pretrained`. Reported from the run's own TensorBoard: samples/s,
+   model FLOP utilisation against the card's dense bf16 peak, peak memory beside the ZeRO paper's
+   model-state estimate ((2+2+K)·Ψ/N bytes, K=12 for Adam, N=1 GPU), and the data-wait fraction.
+3. sampler: `python -m sampler` at Stable Diffusion v1 size (`preset=sd-v1`: U-Net, VAE, ViT-L/14
+   text tower), 512×512, 25 steps, fp16, batch 8 and batch 1, against diffusers'
+   StableDiffusionPipeline on the same folder and settings in this process: images/s and the ratio.
+4. retrieval: `python -m retrieval caption` of the test split with the ViT-B/32 export: images/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
-import platform
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from plumbing.dist import DistInfo, init_process_group
-from plumbing.logs import setup_logging
-from trainer.monitor import peak_memory_mb
+from bench.common import Target, machine, slug, write_results
 
 # Dense bf16 peak, TFLOP/s (vendor data sheets, SXM parts).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-CLIP_SIZES = {
-    "ViT-B/32": dict(
-        vision=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=32,
-        ),
-        text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-        projection_dim=512,
-    ),
-    "ViT-L/14": dict(
-        vision=dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=224,
-            patch_size=14,
-        ),
-        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-        projection_dim=768,
-    ),
-}
-TINY_CLIP = dict(
-    vision=dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=16,
-    ),
-    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-    projection_dim=32,
-)
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_clip(spec: dict[str, Any]) -> Any:
-    from transformers import CLIPConfig, CLIPModel
+@dataclass(frozen=True)
+class Size:
+    """How big the drill runs: the real one on a GPU, or tiny on a CPU."""
 
-    text = dict(spec["text"], vocab_size=49408, max_position_embeddings=77)
-    return CLIPModel(
-        CLIPConfig(text_config=text, vision_config=spec["vision"], projection_dim=spec["projection_dim"])
-    )
+    clip: str  # model.preset
+    image: int  # side of the synthetic JPEGs
+    train: int  # Flickr8k-format training images
+    test: int
+    batch: int  # per GPU
+    steps: int  # optimizer steps before the checkpoint
+    more: int  # steps after resume=auto
+    workers: int
+    diffusion: str  # the sampler's preset
+    side: int  # sampler image side
+    sample_steps: int
+    prompts: int
 
 
-def train_flops_per_sample(spec: dict[str, Any]) -> float:
-    """6 × (non-embedding parameters) × tokens + attention (12 × layers × width × tokens²) per tower."""
+GPU = Size("vit-b-32", 256, 8192, 2048, 256, 200, 20, 8, "sd-v1", 512, 25, 16)
+TINY = Size("tiny", 96, 64, 32, 16, 4, 2, 1, "tiny", 64, 2, 8)
+
+
+class Drill:
+    def __init__(self, work: Path, size: Size, tiny: bool) -> None:
+        self.work, self.size, self.tiny = work, size, tiny
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+
+    def run(self, step: str, args: list[str], timeout: float) -> str:
+        """One real entry point, as a user runs it; its output goes to <work>/logs/<step>.log."""
+        print(f"$ {' '.join(_short(a) for a in args)}", flush=True)
+        log = self.work / "logs" / f"{step}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                args, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as err:
+            log.write_text(f"{err.stdout or ''}\n{err.stderr or ''}")
+            raise SystemExit(f"bench.gpu: step {step!r} ran past {timeout:.0f} s (log: {log})") from None
+        log.write_text(proc.stdout + "\n" + proc.stderr)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+            raise SystemExit(
+                f"bench.gpu: step {step!r} failed with exit code {proc.returncode}:\n{tail}\n(log: {log})"
+            )
+        print(f"  ({time.perf_counter() - start:.1f} s)", flush=True)
+        return proc.stdout + proc.stderr
+
+    # ------------------------------------------------------------------ 1. data
+
+    def data(self) -> Path:
+        s, raw = self.size, self.work / "raw"
+        self.run(
+            "data-synthetic",
+            [
+                sys.executable,
+                "-m",
+                "data_prep",
+                "synthetic",
+                "--out",
+                str(raw),
+                "--quiet",
+                f"synthetic.flickr_train={s.train}",
+                "synthetic.flickr_dev=16",
+                f"synthetic.flickr_test={s.test}",
+                f"synthetic.flickr_width={s.image}",
+                f"synthetic.flickr_height={s.image}",
+                "synthetic.cifar_per_batch=10",
+                "synthetic.cifar_test=10",
+            ],
+            600,
+        )
+        out = self.work / "flickr8k"
+        self.run(
+            "data-flickr8k",
+            [
+                sys.executable,
+                "-m",
+                "data_prep",
+                "flickr8k",
+                "--images",
+                str(raw / "Flickr8k_Dataset.zip"),
+                "--captions",
+                str(raw / "Flickr8k_text.zip"),
+                "--out",
+                str(out),
+                "--workers",
+                str(max(1, s.workers)),
+                "--shard-size",
+                str(max(s.train // 16, 8)),
+                "--quiet",
+            ],
+            600,
+        )
+        return out / "manifest.json"
+
+    # ------------------------------------------------------------------ 2. trainer
+
+    def trainer_args(self, manifest: Path, run_dir: Path, stage: int, steps: int) -> list[str]:
+        s = self.size
+        args = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "1",
+            "-m",
+            "trainer",
+            "--config",
+            "configs/flickr8k.yaml",
+            f"model.preset={s.clip}",
+            f"data.manifest={manifest}",
+            f"run.dir={run_dir}",
+            f"deepspeed.zero_stage={stage}",
+            f"train.batch_size={s.batch}",
+            f"train.max_steps={steps}",
+            "train.epochs=1000",
+            f"data.workers={s.workers}",
+            "data.shuffle_buffer=500",
+            "run.log_every=10" if not self.tiny else "run.log_every=1",
+            "eval.at_start=false",
+            "eval.every_epochs=0",
+            "checkpoint.at_epoch_end=false",
+            "optim.warmup_steps=20",
+        ]
+        if self.tiny:  # the demo's tiny CLIP in fp32 (bf16 is slower than fp32 on CPUs)
+            args += ["deepspeed.precision=fp32", "model.tiny.image_size=64", "model.tiny.patch_size=8"]
+        return args
+
+    def trainer(self, manifest: Path, stage: int) -> dict[str, Any]:
+        run_dir = self.work / f"zero{stage}"
+        s = self.size
+        self.run(f"train-zero{stage}", self.trainer_args(manifest, run_dir, stage, s.steps), 900)
+        resumed = self.run(
+            f"resume-zero{stage}",
+            [*self.trainer_args(manifest, run_dir, stage, s.steps + s.more), "resume=auto"],
+            600,
+        )
+        if f"step-{s.steps:08d}" not in resumed or "resumed from" not in resumed:
+            raise SystemExit(f"bench.gpu: step 'resume-zero{stage}' did not resume from step {s.steps}")
+        print(f"$ transformers.CLIPModel.from_pretrained({_short(str(run_dir / 'export'))})", flush=True)
+        from transformers import CLIPModel
+
+        clip = CLIPModel.from_pretrained(run_dir / "export")
+        params = sum(p.numel() for p in clip.parameters())
+        scalars = _scalars(run_dir / "tensorboard")
+        rate = _steady(scalars.get("perf/samples_per_s", {}), s.steps)
+        return {
+            "samples_per_s": rate,
+            "data_wait_fraction": _steady(scalars.get("perf/data_wait_fraction", {}), s.steps),
+            "peak_memory_gib": max(scalars.get("perf/peak_memory_mb", {0: 0.0}).values()) / 1024,
+            "parameters": params,
+            "model_states_gib": 16 * params / 2**30,  # ZeRO paper §3: (2 + 2 + 12)·Ψ bytes on one GPU
+            "flops_per_sample": train_flops_per_sample(self.size.clip, run_dir / "base-model", manifest),
+            "exported_step": json.loads((run_dir / "export" / "export.json").read_text())["step"],
+        }
+
+    # ------------------------------------------------------------------ 3. sampler
+
+    def sampler(self) -> dict[str, Any]:
+        s = self.size
+        model = self.work / f"diffusion-{s.diffusion}"
+        out: dict[str, Any] = {}
+        for batch in (8, 1):
+            prompts = self.work / f"prompts-{batch}.txt"
+            count = s.prompts if batch == 8 else max(2, s.prompts // 4)
+            prompts.write_text(
+                "".join(f"a red circle number {i} on a grey background\n" for i in range(count))
+            )
+            folder = self.work / f"samples-b{batch}"
+            self.run(
+                f"sample-batch{batch}",
+                [
+                    sys.executable,
+                    "-m",
+                    "sampler",
+                    "--config",
+                    "configs/sample.yaml",
+                    f"model={model}",
+                    f"preset={s.diffusion}",
+                    f"prompts=[{prompts}]",
+                    f"out_dir={folder}",
+                    f"batch_size={batch}",
+                    f"steps={s.sample_steps}",
+                    f"height={s.side}",
+                    f"width={s.side}",
+                    "guidance_scale=7.5",
+                    "scheduler=ddim",
+                    "contact_sheet=0",
+                    "tensorboard=false",
+                ],
+                900,
+            )
+            out[f"ours_batch{batch}"] = json.loads((folder / "summary.json").read_text())["images_per_s"]
+            out[f"diffusers_batch{batch}"] = diffusers_rate(model, batch, s)
+            out[f"ratio_batch{batch}"] = out[f"ours_batch{batch}"] / out[f"diffusers_batch{batch}"]
+        if self.size is GPU:
+            import torch
+
+            torch.cuda.empty_cache()
+        return out
+
+    # ------------------------------------------------------------------ 4. retrieval
+
+    def retrieval(self, manifest: Path, export: Path) -> dict[str, Any]:
+        out = self.work / "captions"
+        self.run(
+            "retrieval-caption",
+            [
+                sys.executable,
+                "-m",
+                "retrieval",
+                "caption",
+                "--export",
+                str(export),
+                "--manifest",
+                str(manifest),
+                "--split",
+                "test",
+                "--bank",
+                str(manifest),
+                "--out",
+                str(out),
+                "batch_size=256",
+                "contact_sheets=0",
+            ],
+            600,
+        )
+        summary = json.loads((out / "summary.json").read_text())
+        return {"images_per_s": summary["images_per_s"], "images": summary["records"]}
+
+
+def _short(arg: str) -> str:
+    return arg.replace(str(ROOT) + "/", "").replace(sys.executable, "python")
+
+
+def _scalars(tb: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def _steady(values: dict[int, float], last: int) -> float:
+    """The median over the logged steps of the first run, leaving out the first log window (warm-up)."""
+    steady = [v for step, v in sorted(values.items()) if step <= last][1:] or list(values.values())
+    return statistics.median(steady) if steady else float("nan")
+
+
+def train_flops_per_sample(preset: str, base_model: Path, manifest: Path) -> float:
+    """6 × (non-embedding parameters) × tokens + attention (12 × layers × width × tokens²) per tower
+    (PaLM appendix B), with the text tower's tokens as the run really had them (captions are padded
+    to the batch's longest, not to 77)."""
+    from transformers import CLIPConfig, CLIPTokenizer
+
+    from core.manifest import load_manifest
+    from core.shards import captions_of, read_split
+
+    config = CLIPConfig.from_pretrained(base_model)
+    tokenizer = CLIPTokenizer.from_pretrained(base_model)
+    captions = [
+        c
+        for sample, _ in zip(read_split(load_manifest(manifest), "test"), range(64))
+        for c in captions_of(sample)
+    ]
+    text_tokens = statistics.mean(len(ids) for ids in tokenizer(captions, truncation=True)["input_ids"])
+    v, t = config.vision_config, config.text_config
     total = 0.0
-    v, t = spec["vision"], spec["text"]
-    for tower, tokens in ((v, (v["image_size"] // v["patch_size"]) ** 2 + 1), (t, 77)):
-        d, layers, ff = tower["hidden_size"], tower["num_hidden_layers"], tower["intermediate_size"]
-        params = layers * (4 * d * d + 2 * d * ff)
-        total += 6 * params * tokens + 12 * layers * d * tokens * tokens
+    for tower, tokens in ((v, (v.image_size // v.patch_size) ** 2 + 1), (t, text_tokens)):
+        d, layers, ff = tower.hidden_size, tower.num_hidden_layers, tower.intermediate_size
+        total += 6 * layers * (4 * d * d + 2 * d * ff) * tokens + 12 * layers * d * tokens * tokens
     return total
 
 
-def bench_trainer(
-    spec: dict[str, Any], batch: int, stage: int, steps: int, device: str, precision: str
-) -> dict[str, float]:
-    from plumbing.config import load_config
-    from trainer.config import TrainConfig
-    from trainer.engine import BatchSizes, build_engine
-    from trainer.model import CLIPFineTuner, HeadSpec
-    from trainer.objectives import contrastive_loss
+def diffusers_rate(model: Path, batch: int, size: Size) -> float:
+    """diffusers' StableDiffusionPipeline on the same folder and settings: images/s (after a warm-up)."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    cfg = load_config(
-        TrainConfig,
-        None,
-        [
-            "run.dir=/tmp/bench-gpu",
-            "data.manifest=none",
-            "train.objective=contrastive",
-            f"deepspeed.zero_stage={stage}",
-            f"deepspeed.precision={precision}",
-        ],
+    print(
+        f"$ diffusers.StableDiffusionPipeline.from_pretrained({_short(str(model))}), batch {batch}",
+        flush=True,
     )
-    clip = build_clip(spec)
-    d = spec["projection_dim"]
-    model = CLIPFineTuner(clip, HeadSpec("linear", d, d, 0))
-    engine = build_engine(
-        model, cfg.model, cfg.deepspeed, cfg.optim, BatchSizes(batch, 1, 1), 1000, device.startswith("cuda")
+    cuda = torch.cuda.is_available()
+    dtype = torch.float16 if cuda else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
-    dtype = next(engine.module.parameters()).dtype
-    size = spec["vision"]["image_size"]
-    pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    ids = torch.randint(0, 49407, (batch, 77), device=device)
-    mask = torch.ones_like(ids)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps + 3):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = pipe.to("cuda" if cuda else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [f"a photo of a red circle number {i} on a grey background" for i in range(batch)]
+
+    def once() -> float:
         start = time.perf_counter()
-        image, text, scale = engine(pixel_values=pixels, input_ids=ids, attention_mask=mask)
-        loss = contrastive_loss(image.float(), text.float(), scale.float())
-        engine.backward(loss)
-        engine.step()
-        if device.startswith("cuda"):
+        pipe(
+            prompts,
+            num_inference_steps=size.sample_steps,
+            guidance_scale=7.5,
+            height=size.side,
+            width=size.side,
+            output_type="pil",
+        )
+        if cuda:
             torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    step = sorted(times)[len(times) // 2]
-    peak = peak_memory_mb(device) / 1024  # CUDA: allocated; CPU: the process's peak RSS
-    engine.destroy()
-    del engine, model, clip
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return {"samples_per_s": batch / step, "step_s": step, "peak_memory_gib": peak}
+        return time.perf_counter() - start
+
+    once()
+    return batch / min(once() for _ in range(2))
 
 
-def bench_sampler(batch: int, steps: int, size: int, device: str, tiny: bool) -> float:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from sampler.pipeline import Components, LatentDiffusion, Request
-    from sampler.tiny import sd_scheduler
-    from trainer.tiny import tiny_tokenizer
-
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    if tiny:
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4,
-        )
-        text_cfg = CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-        )
-    else:  # Stable Diffusion v1 shapes: diffusers' defaults are SD v1's U-Net; SD v1's VAE; ViT-L/14's text tower
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=2,
-        )
-        text_cfg = CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-        )
-    tokenizer = tiny_tokenizer(77)  # the offline tokenizer; a real vocabulary embeds at the same speed
-    text_cfg.vocab_size = len(tokenizer)
-    text = CLIPTextModel(text_cfg)
-    scheduler = sd_scheduler()
-    for part in (unet, vae, text):
-        part.to(device, dtype).eval()
-    pipe = LatentDiffusion(Components(tokenizer, text, unet, vae, scheduler), device, dtype)
-    request = Request(
-        [f"a photo number {i}" for i in range(batch)],
-        [""] * batch,
-        list(range(batch)),
-        steps,
-        7.5,
-        size,
-        size,
+def table(results: dict[str, Any], peak: float) -> tuple[str, list[Target]]:
+    lines = [f"device: {results['device']}; dense bf16 peak {peak:g} TFLOP/s"]
+    lines.append(
+        f"{'trainer (contrastive, bf16, 1 GPU)':36s} {'samples/s':>10s} {'MFU':>7s} {'peak GiB':>9s} {'states GiB':>10s} {'data-wait':>9s}"
     )
-    pipe(request)  # warm-up
-    start = time.perf_counter()
-    pipe(request)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return batch / (time.perf_counter() - start)
+    for stage, r in results["trainer"].items():
+        lines.append(
+            f"  {results['clip']} {stage:27s} {r['samples_per_s']:10.1f} {r['mfu']:7.1%} {r['peak_memory_gib']:9.2f} "
+            f"{r['model_states_gib']:10.2f} {r['data_wait_fraction']:9.0%}"
+        )
+    smp = results["sampler"]
+    targets = [
+        Target(f"sampler / StableDiffusionPipeline, batch {b}", smp[f"ratio_batch{b}"], 0.97) for b in (8, 1)
+    ]
+    lines.append(
+        f"sampler ({results['sampler_size']}, {results['sampler_steps']} steps), images/s: ours vs diffusers"
+    )
+    for b in (8, 1):
+        lines.append(f"  batch {b}: {smp[f'ours_batch{b}']:.2f} vs {smp[f'diffusers_batch{b}']:.2f}")
+    lines += [t.line() for t in targets]
+    ret = results["retrieval"]
+    lines.append(f"retrieval caption: {ret['images_per_s']:.1f} images/s over {ret['images']} images")
+    return "\n".join(lines), targets
 
 
 def main() -> None:
@@ -222,57 +388,54 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--tiny", action="store_true", help="tiny shapes, a few steps, CPU-friendly: checks the script runs"
+        "--tiny", action="store_true", help="tiny models on the CPU: the same steps, for the tests"
     )
-    parser.add_argument("--out", default="", help="write the results as JSON here")
+    parser.add_argument(
+        "--out", default="", help="results file (default bench/results/gpu-<device>-<date>.json)"
+    )
+    parser.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
-    setup_logging()
-    device = init_process_group(DistInfo.from_env())
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), float("nan"))
-    precision = "bf16" if device.startswith("cuda") else "fp32"
-    results: dict[str, Any] = {
-        "device": name,
-        "torch": torch.__version__,
-        "precision": precision,
-        "trainer": {},
-        "memory": {},
-        "sampler": {},
-    }
-    specs = {"tiny": TINY_CLIP} if args.tiny else CLIP_SIZES
-    batches = {"tiny": 8, "ViT-B/32": 512, "ViT-L/14": 128}
-    steps = 2 if args.tiny else 20
-    for label, spec in specs.items():
-        r = bench_trainer(spec, batches[label], 2, steps, device, precision)
-        r["mfu"] = r["samples_per_s"] * train_flops_per_sample(spec) / (peak * 1e12)
-        results["trainer"][label] = r
-    first = next(iter(specs))
-    for stage in (0, 1, 2, 3):
-        results["memory"][f"zero{stage}"] = bench_trainer(
-            specs[first], batches[first], stage, 2, device, precision
-        )["peak_memory_gib"]
-    size, sample_steps = (16, 2) if args.tiny else (512, 25)
-    for batch in (1, 8):
-        results["sampler"][f"batch{batch}"] = bench_sampler(batch, sample_steps, size, device, args.tiny)
+    import torch
 
-    print(f"device: {name} ({precision}); peak {peak} TFLOP/s")
-    print(f"{'trainer (contrastive, ZeRO-2, 1 GPU)':40s} {'samples/s':>10s} {'MFU':>7s} {'peak GiB':>9s}")
-    for label, r in results["trainer"].items():
-        print(f"  {label:38s} {r['samples_per_s']:10.1f} {r['mfu']:7.1%} {r['peak_memory_gib']:9.2f}")
-    print(
-        "peak memory per ZeRO stage ("
-        + first
-        + "): "
-        + ", ".join(f"{k} {v:.2f} GiB" for k, v in results["memory"].items())
+    from plumbing.logs import quiet_hf_progress
+
+    quiet_hf_progress()
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("bench.gpu: no CUDA device; on a CPU run `python -m bench.gpu --tiny`")
+    size = TINY if args.tiny else GPU
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else machine()["cpu"]
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), float("nan"))
+    with tempfile.TemporaryDirectory(dir=args.work or None) as tmp:
+        drill = Drill(Path(tmp), size, args.tiny)
+        started = time.perf_counter()
+        manifest = drill.data()
+        trainer = {f"zero{stage}": drill.trainer(manifest, stage) for stage in (2, 3)}
+        for r in trainer.values():
+            r["mfu"] = (
+                r["samples_per_s"] * r["flops_per_sample"] / (peak * 1e12) if peak == peak else float("nan")
+            )
+        results: dict[str, Any] = {
+            "device": device,
+            "clip": size.clip,
+            "trainer": trainer,
+            "sampler": drill.sampler(),
+            "sampler_size": f"{size.side}×{size.side}",
+            "sampler_steps": size.sample_steps,
+            "retrieval": drill.retrieval(manifest, drill.work / "zero2" / "export"),
+        }
+        results["seconds"] = time.perf_counter() - started
+    text, targets = table(results, peak)
+    print(text)
+    date = datetime.date.today().isoformat()
+    name = f"gpu-{slug(device)}-{date}" if not args.tiny else f"gpu-tiny-{date}"
+    path = write_results(
+        name,
+        results,
+        targets,
+        text,
+        args.out or ("" if not args.tiny else str(Path(tempfile.gettempdir()) / f"{name}.json")),
     )
-    print(
-        f"sampler ({size}×{size}, {sample_steps} steps): "
-        + ", ".join(f"{k} {v:.2f} images/s" for k, v in results["sampler"].items())
-    )
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

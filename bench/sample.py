@@ -3,8 +3,8 @@ prompts, seeds, batch and steps, in the same run; and batch 1 against batch 8.
 
     python -m bench.sample [--model DIR] [--steps 20] [--repeat 5]
 
-Default components: the tiny offline set (built in a temporary folder). Target (issue #5): ≥ 0.97 of
-the direct pipeline's images/s. Calls alternate and the median counts.
+Default components: the tiny offline set (built in a temporary folder). Target: ≥ 0.97 of the direct
+pipeline's images/s. Calls alternate and the median counts. Writes bench/results/sample-<cpu>.json.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from bench.common import Target, machine, slug, write_results
+from core.presets import TinyConfig, TinyDiffusionConfig, build_diffusion
 from sampler.pipeline import LatentDiffusion, Request, load_components
-from sampler.tiny import TinyDiffusionConfig, build_tiny_diffusion
-from trainer.tiny import TinyConfig
 
 
 def main() -> None:
@@ -30,13 +30,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--out", default="", help="results file (default bench/results/sample-<cpu>.json)")
     args = parser.parse_args()
     from diffusers import StableDiffusionPipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(Path(tmp) / "tiny")
         if not args.model:
-            build_tiny_diffusion(Path(model), TinyDiffusionConfig(), TinyConfig(image_size=64, patch_size=8))
+            build_diffusion(
+                Path(model), "tiny", TinyDiffusionConfig(), TinyConfig(image_size=64, patch_size=8)
+            )
         ours = LatentDiffusion(
             load_components(model, None, "ddim", "cpu", torch.float32), "cpu", torch.float32
         )
@@ -80,16 +83,19 @@ def main() -> None:
                 fn()
                 times[name].append(time.perf_counter() - start)
     rate = {name: (8 if name.endswith("-8") else 1) / statistics.median(t) for name, t in times.items()}
-    print(
-        f"images/s, {args.size}×{args.size}, {args.steps} DDIM steps, guidance on, CPU fp32 (median of {args.repeat})"
+    targets = [Target("sampler / StableDiffusionPipeline, batch 8", rate["ours-8"] / rate["pipe-8"], 0.97)]
+    text = "\n".join(
+        [
+            f"images/s, {args.size}×{args.size}, {args.steps} DDIM steps, guidance on, CPU fp32 (median of {args.repeat})",
+            f"  {'StableDiffusionPipeline, batch 8':34s} {rate['pipe-8']:8.2f}",
+            f"  {'sampler pipeline, batch 8':34s} {rate['ours-8']:8.2f}",
+            f"  {'sampler pipeline, batch 1':34s} {rate['ours-1']:8.2f}",
+            *[t.line() for t in targets],
+        ]
     )
-    print(f"  {'StableDiffusionPipeline, batch 8':34s} {rate['pipe-8']:8.2f}   1.00")
-    print(
-        f"  {'sampler pipeline, batch 8':34s} {rate['ours-8']:8.2f}   {rate['ours-8'] / rate['pipe-8']:.3f}   (target >= 0.97)"
-    )
-    print(
-        f"  {'sampler pipeline, batch 1':34s} {rate['ours-1']:8.2f}   {rate['ours-1'] / rate['ours-8']:.3f} of batch 8"
-    )
+    print(text)
+    name = f"sample-{slug(machine()['cpu'])}"
+    print(f"wrote {write_results(name, rate, targets, text, args.out)}")
 
 
 if __name__ == "__main__":

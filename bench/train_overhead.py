@@ -1,14 +1,18 @@
-"""Benchmark: the trainer's step against a bare PyTorch loop, and the data pipeline against the trainer.
+"""Benchmark: the trainer's step as its loop runs it, against a bare PyTorch loop; and how long a real
+run waits for its data.
 
-    python -m bench.train_overhead [--steps 40] [--repeat 3]
+    python -m bench.train_overhead [--steps 40] [--repeat 3] [--out FILE]
 
-1. Step time, 1 rank, same tiny CLIPFineTuner, batch, AdamW, LR schedule, gradient clipping and the
-   same in-memory batches: a bare loop (forward, loss, backward, clip, step) against the trainer's
-   own micro-step (DeepSpeed engine, the cross-rank finiteness/signal check, bookkeeping) under
-   ZeRO-0 and ZeRO-2. Target (issue #3): ratio ≤ 1.05.
-2. The data pipeline alone (manifest-planned WebDataset epoch with decoding and preprocessing, the
-   demo's loader workers) against what the trainer consumes per second. Target: ≥ 2×.
-Runs interleave and the best of `--repeat` counts, so that load from elsewhere hits all alike.
+1. Step time, 1 rank, the demo's tiny CLIP, contrastive, batch 64, the same in-memory batches: a bare
+   loop (forward, loss, backward, clip, AdamW, LR schedule: the same work done the plain way) against
+   the trainer's own `Loop.epoch` over those batches — the micro-step with its cross-rank
+   finiteness/signal agreement, the monitor (TensorBoard every 10 steps), the counters; checkpoints
+   and evaluation off — under ZeRO-0 and ZeRO-2. Epochs take turns; the best of `--repeat` counts.
+   Target: ≤ 1.05.
+2. The data pipeline, from a real run: `python -m trainer` (1 rank, the demo's loader workers) on the
+   demo-size synthetic Flickr8k shards; its own perf/data_wait_fraction (the share of step time spent
+   waiting for the loader). Target: ≤ 0.05 (the loader keeps up).
+Writes bench/results/train_overhead-<cpu>.json.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import argparse
 import contextlib
 import io
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,23 +30,37 @@ from typing import Any
 
 import torch
 
+from bench.common import Target, machine, slug, write_results
 from plumbing.config import load_config
 from plumbing.dist import DistInfo, init_process_group
 from plumbing.logs import setup_logging
+from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import TrainConfig
+from trainer.data import Layout
 from trainer.engine import BatchSizes, build_engine, lr_lambda, param_groups
-from trainer.objectives import contrastive_loss
-from trainer.tiny import build_tiny_clip
+from trainer.evaluate import Evaluator
+from trainer.loop import Loop, Parts
+from trainer.monitor import Monitor
+from trainer.plan import Plan
+from trainer.run import RunFolder
+from trainer.tasks import make_task
+from trainer.tasks.clip import contrastive_loss
 
 BATCH = 64
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def batches(n: int, tokenizer: Any, image_size: int) -> list[dict[str, torch.Tensor]]:
+def batches(task: Any, n: int, image_size: int) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
-    texts = [f"a red circle number {i}" for i in range(BATCH)]
-    tokens = tokenizer(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    texts = [f"A red circle on the left on a black background number {i} ." for i in range(BATCH)]
+    tokens = task.collate.tokenize(texts)
     return [
-        {"pixel_values": torch.randn(BATCH, 3, image_size, image_size, generator=g), **tokens}
+        {
+            "pixel_values": torch.randn(BATCH, 3, image_size, image_size, generator=g),
+            "keys": [str(i) for i in range(BATCH)],
+            "skipped": 0,
+            **tokens,
+        }
         for _ in range(n)
     ]
 
@@ -48,125 +68,120 @@ def batches(n: int, tokenizer: Any, image_size: int) -> list[dict[str, torch.Ten
 class BareLoop:
     """The same training step written plainly: forward, loss, backward, clip, AdamW, schedule."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig) -> None:
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, steps: int) -> None:
+        self.model, self.clip = model, cfg.optim.grad_clip
+        o = cfg.optim
         self.opt = torch.optim.AdamW(
-            param_groups(model, cfg.optim.weight_decay),
-            lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps,
+            param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
         )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg.optim.warmup_steps, 1000, 0.0))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(o.warmup_steps, steps, 0.0))
 
-    def micro_step(self, batch: dict[str, torch.Tensor]) -> None:
-        image, text, scale = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        loss = contrastive_loss(image.float(), text.float(), scale.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-
-
-class TrainerStep:
-    """The trainer's own Loop.micro_step on an engine, without the data, checkpoint and eval parts."""
-
-    def __init__(self, engine: Any, cfg: TrainConfig) -> None:
-        from trainer.train import Loop, StopSignals
-
-        self.engine, self.cfg, self.device, self.dtype = engine, cfg, "cpu", torch.float32
-        self.state = type("State", (), {"step": 0, "micro_in_epoch": 0, "epoch": 0})()
-        self.signals, self.class_prompts = StopSignals(), None
-        self.micro_step = Loop.micro_step.__get__(self)
-        self.loss = Loop.loss.__get__(self)
+    def epoch(self, data: list[dict[str, Any]]) -> None:
+        for batch in data:
+            image, text, scale = self.model(
+                batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+            )
+            loss = contrastive_loss(image.float(), text.float(), scale.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
 
 
-def interleaved(runners: dict[str, Any], data: list[dict[str, torch.Tensor]], warm: int) -> dict[str, float]:
-    """Median step time of each runner, taking turns step by step so that any load from elsewhere
-    falls on all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for i, batch in enumerate(data):
+class InMemory:
+    """The loop's data source, serving the same batches every epoch (no loader in the timing)."""
+
+    def __init__(self, data: list[dict[str, Any]]) -> None:
+        self.data = data
+
+    def epoch(self, epoch: int, start: int) -> Any:
+        return iter(self.data[start:])
+
+
+class TrainerLoop:
+    """The trainer's Loop over in-memory batches: micro-steps, agreement, monitor, counters."""
+
+    def __init__(self, cfg: TrainConfig, stage: int, run: RunFolder, data: list[dict[str, Any]]) -> None:
+        cfg.deepspeed.zero_stage = stage
+        self.task = make_task(cfg, run, DistInfo.from_env({}), "cpu")
+        torch.manual_seed(0)
+        steps = len(data)
+        engine = build_engine(
+            self.task.build(), cfg.deepspeed, cfg.optim, BatchSizes(BATCH, 1, 1), 10**6, "cpu"
+        )
+        plan = Plan(Layout(1, 1, BATCH, steps * BATCH), 1, 10**6, steps, 10**6, 10**6, steps * BATCH)
+        ckpt = Checkpointer(cfg.checkpoint, run.root / f"checkpoints-{stage}", DistInfo.from_env({}))
+        monitor = Monitor(run.root / f"zero{stage}", True, "cpu", cfg.run.log_every, plan.total, 0)
+        monitor.bar.disable = True
+        parts = Parts(self.task, InMemory(data), engine, ckpt, Evaluator(cfg.eval, self.task, list), monitor)  # type: ignore[arg-type]
+        self.loop = Loop(cfg, plan, parts, TrainState.of(plan.layout), 0)
+
+    def epoch(self, data: list[dict[str, Any]]) -> None:
+        self.loop.state.micro_in_epoch = 0
+        self.loop.epoch()
+
+
+def step_times(
+    cfg: TrainConfig, run: RunFolder, data: list[dict[str, Any]], repeat: int, warm: int
+) -> dict[str, float]:
+    """Seconds per step of each runner: the best epoch of `repeat` (epochs take turns), the first
+    `warm` batches of each epoch run but not timed."""
+    runners: dict[str, Any] = {}
+    for stage in (0, 2):
+        runners[f"zero{stage}"] = TrainerLoop(cfg, stage, run, data)
+    torch.manual_seed(0)
+    runners["bare"] = BareLoop(runners["zero0"].task.build(), cfg, len(data))
+    best: dict[str, float] = {name: float("inf") for name in runners}
+    for _ in range(repeat):
         for name, runner in runners.items():
+            runner.epoch(data[:warm])
             start = time.perf_counter()
-            runner.micro_step(batch)
-            if i >= warm:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            runner.epoch(data[warm:])
+            best[name] = min(best[name], (time.perf_counter() - start) / (len(data) - warm))
+    return best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument(
-        "--workers", type=int, default=2, help="loader workers for the pipeline part (one per core here)"
-    )
-    parser.add_argument(
-        "--manifest", default="", help="shards for the loader part (default: make small synthetic ones)"
-    )
-    args = parser.parse_args()
-    setup_logging()
-    init_process_group(DistInfo.from_env())
-    from trainer.model import build_finetuner, load_processors
+def data_wait(manifest: Path, run_dir: Path, steps: int, workers: int) -> float:
+    """A real 1-rank run of the demo's Flickr8k config: its own median perf/data_wait_fraction."""
+    args = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "--config",
+        str(ROOT / "configs/demo-flickr8k.yaml"),
+        f"data.manifest={manifest}",
+        f"run.dir={run_dir}",
+        f"train.max_steps={steps}",
+        "run.log_every=5",
+        f"data.workers={workers}",
+        "eval.at_start=false",
+        "eval.every_epochs=0",
+        "run.verify_export=false",
+    ]
+    subprocess.run(args, check=True, cwd=ROOT, capture_output=True, text=True)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        manifest = args.manifest or str(_synthetic(root))
-        cfg = load_config(
-            TrainConfig,
-            Path("configs/demo-flickr8k.yaml"),
-            [f"run.dir={root}/run", f"data.manifest={manifest}", f"train.batch_size={BATCH}"],
-        )
-        build_tiny_clip(root / "clip", cfg.model.tiny)
-        tokenizer, processor = load_processors(str(root / "clip"))
-        cfg.data.workers = args.workers
-        rate = loader_rate(cfg, tokenizer, processor)  # first, in a process that has no engine yet
-        data = batches(args.steps, tokenizer, cfg.model.tiny.image_size)
-        warm = 5
-
-        def fresh() -> torch.nn.Module:
-            torch.manual_seed(0)
-            return build_finetuner(cfg.model, str(root / "clip"))
-
-        runners: dict[str, Any] = {"bare": BareLoop(fresh(), cfg)}
-        for stage in (0, 2):
-            cfg.deepspeed.zero_stage = stage
-            engine = build_engine(
-                fresh(), cfg.model, cfg.deepspeed, cfg.optim, BatchSizes(BATCH, 1, 1), 1000, False
-            )
-            runners[f"zero{stage}"] = TrainerStep(engine, cfg)
-        results: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(args.repeat):
-            for name, median in interleaved(runners, data, warm).items():
-                results[name].append(median)
-        best = {k: min(v) for k, v in results.items()}
-        print(
-            f"step time, 1 rank, tiny CLIP, batch {BATCH} (median of {args.steps - warm} steps, best of {args.repeat})"
-        )
-        print(f"  {'bare PyTorch loop':24s} {best['bare'] * 1000:7.1f} ms   1.00")
-        for stage in (0, 2):
-            ratio = best[f"zero{stage}"] / best["bare"]
-            print(
-                f"  {f'trainer, ZeRO-{stage}':24s} {best[f'zero{stage}'] * 1000:7.1f} ms   {ratio:.3f}   (target <= 1.05)"
-            )
-        consumed = BATCH / best["zero2"]
-        print(
-            f"data pipeline (demo-flickr8k shards and preprocessing, 1 rank, {args.workers} loader workers)"
-        )
-        print(f"  {'trainer consumes':24s} {consumed:7.0f} samples/s")
-        print(f"  {'loader delivers':24s} {rate:7.0f} samples/s   {rate / consumed:.2f}x   (target >= 2)")
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    waits = [e.value for e in acc.Scalars("perf/data_wait_fraction")][1:]  # past the first window's start-up
+    return statistics.median(waits)
 
 
-def _synthetic(root: Path) -> Path:
-    """The demo's Flickr8k-format set (3,000 training images of 160×120), shards of 500."""
+def synthetic(root: Path) -> Path:
+    """The demo's Flickr8k-format set (3,000 training images of 160×120), through the real commands."""
     from data_prep.cli import main as prep
 
     raw, out = root / "raw", root / "flickr8k"
-    small_cifar = ["synthetic.cifar_per_batch=10", "synthetic.cifar_test=10"]
     for argv in (
-        ["synthetic", "--out", str(raw), "--quiet", *small_cifar],
+        [
+            "synthetic",
+            "--out",
+            str(raw),
+            "--quiet",
+            "synthetic.cifar_per_batch=10",
+            "synthetic.cifar_test=10",
+        ],
         [
             "flickr8k",
             "--images",
@@ -186,20 +201,57 @@ def _synthetic(root: Path) -> Path:
     return out / "manifest.json"
 
 
-def loader_rate(cfg: TrainConfig, tokenizer: Any, processor: Any) -> float:
-    from data_prep.manifest import load_manifest
-    from trainer.data import Collate, TrainData
-
-    manifest = load_manifest(Path(cfg.data.manifest))
-    collate = Collate(tokenizer, 32, True, processor)
-    data = TrainData(cfg.data, manifest, 0, 1, BATCH, 1, 0, collate, processor, False)
-    best = 0.0
-    for epoch in range(3):
-        start, n = time.perf_counter(), 0
-        for batch in data.epoch(epoch, 0):
-            n += len(batch["keys"])
-        best = max(best, n / (time.perf_counter() - start))
-    return best
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1, help="loader workers of the real run (the demo's)")
+    parser.add_argument("--run-steps", type=int, default=60, help="optimizer steps of the real run")
+    parser.add_argument("--manifest", default="", help="shards for the real run (default: make the demo's)")
+    parser.add_argument(
+        "--out", default="", help="results file (default bench/results/train_overhead-<cpu>.json)"
+    )
+    args = parser.parse_args()
+    setup_logging()
+    init_process_group(DistInfo.from_env({}))
+    warm = min(5, args.steps // 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        manifest = Path(args.manifest) if args.manifest else synthetic(root)
+        overrides = [
+            f"run.dir={root}/run",
+            f"data.manifest={manifest}",
+            f"train.batch_size={BATCH}",
+            "checkpoint.at_epoch_end=false",
+        ]
+        cfg = load_config(TrainConfig, ROOT / "configs/demo-flickr8k.yaml", overrides)
+        run = RunFolder(Path(cfg.run.dir))
+        task = make_task(cfg, run, DistInfo.from_env({}), "cpu")
+        data = batches(task, args.steps, cfg.model.tiny.image_size)
+        best = step_times(cfg, run, data, args.repeat, warm)
+        wait = data_wait(manifest, root / "real", args.run_steps, args.workers)
+    targets = [
+        Target(f"trainer loop, ZeRO-{s} / bare loop", best[f"zero{s}"] / best["bare"], 1.05, at_least=False)
+        for s in (0, 2)
+    ]
+    targets.append(
+        Target(f"real run's data-wait fraction ({args.workers} worker)", wait, 0.05, at_least=False)
+    )
+    text = "\n".join(
+        [
+            f"step time, 1 rank, tiny CLIP, batch {BATCH} ({args.steps - warm} timed steps, best of {args.repeat})",
+            f"  {'bare PyTorch loop':24s} {best['bare'] * 1000:7.1f} ms",
+            *[f"  {f'trainer loop, ZeRO-{s}':24s} {best[f'zero{s}'] * 1000:7.1f} ms" for s in (0, 2)],
+            f"data: a real 1-rank run, {args.run_steps} steps: median data-wait fraction {wait:.3f}",
+            *[t.line() for t in targets],
+        ]
+    )
+    print(text)
+    results = {"step_s": best, "data_wait_fraction": wait}
+    name = f"train_overhead-{slug(machine()['cpu'])}"
+    print(f"wrote {write_results(name, results, targets, text, args.out)}")
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from data_prep.manifest import FORMAT_VERSION, MANIFEST, PARTIAL, ShardRecord, SplitRecord
+from core.manifest import FORMAT_VERSION, MANIFEST, PARTIAL, ShardRecord, SplitRecord
 from plumbing import __version__
 from plumbing.errors import UserError
 from plumbing.files import (
@@ -361,7 +361,3 @@ def summary(manifest: dict[str, Any], out: Path) -> str:
     other = len(manifest.get("rejected", []))
     tail = f"; {other} other items rejected" if other else ""
     return f"{manifest['dataset']} → {out}: " + ", ".join(parts) + tail + f" (details in {out / MANIFEST})"
-
-
-def source_dicts(sources: dict[str, SourceInfo | None]) -> dict[str, Any]:
-    return {k: asdict(v) for k, v in sources.items() if v is not None}

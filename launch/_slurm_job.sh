@@ -7,7 +7,10 @@
 #   CONFIG=configs/…yaml   the training config          RUN_NAME=name   → run.dir=runs/<name> (default: the config's)
 #   OVERRIDES="k=v k=v"    extra config overrides         PROCS_PER_NODE  trainer processes per node
 #   PYTHON=…               interpreter (default .venv/bin/python, else python3)
-#   DRY_RUN=1              print what would run, run nothing
+#   DRY_RUN=1              check the config and every override (as the run would), print what would run
+#
+# The ranks find each other at the first node of the step, on a port derived from the job id:
+# plumbing/dist.py (`rendezvous`) is the one place that knows how.
 #
 # Preemption: Slurm sends USR1 to this shell (#SBATCH --signal=B:USR1@…) ahead of the time limit,
 # and scancel/preemption send TERM. The trap hands the signal to srun, which forwards it to every
@@ -31,16 +34,16 @@ NODES=${SLURM_JOB_NUM_NODES:-1}
 PROCS_PER_NODE=${PROCS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}}
 PROCS_PER_NODE=${PROCS_PER_NODE%%(*}  # "2(x2)" → 2
 WORLD=$((NODES * PROCS_PER_NODE))
-HEAD=$( { scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null || true; } | head -n 1)
-export MASTER_ADDR=${MASTER_ADDR:-${HEAD:-127.0.0.1}}
-export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # shellcheck disable=SC2206  # OVERRIDES is a list of key=value words
 ARGS=(--config "$CONFIG" ${RUN_NAME:+"run.dir=runs/$RUN_NAME"} $OVERRIDES)
 SRUN=(srun --nodes="$NODES" --ntasks-per-node="$PROCS_PER_NODE" --kill-on-bad-exit=1 "$PYTHON" -m trainer "${ARGS[@]}")
 
-echo "job ${SLURM_JOB_ID:-none} on ${SLURM_JOB_NODELIST:-no allocation}: $NODES nodes × $PROCS_PER_NODE processes = world size $WORLD; head $MASTER_ADDR:$MASTER_PORT; SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}"
+RENDEZVOUS=$("$PYTHON" -m plumbing.dist 2>/dev/null || echo "unknown")
+echo "job ${SLURM_JOB_ID:-none} on ${SLURM_JOB_NODELIST:-no allocation}: $NODES nodes × $PROCS_PER_NODE processes = world size $WORLD; rendezvous $RENDEZVOUS; SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}"
 if [ -n "${DRY_RUN:-}" ]; then
+  # The config and every override, checked exactly as the run checks them (data not there yet is noted).
+  "$PYTHON" -m trainer --check --dry-run --world-size "$WORLD" "${ARGS[@]}" || exit $?
   echo "would run: $PYTHON -m trainer --check --world-size $WORLD ${ARGS[*]}"
   echo "would run: ${SRUN[*]}"
   exit 0

@@ -3,7 +3,7 @@
 #
 #   launch/torchrun.sh                                   # configs/flickr8k.yaml
 #   CONFIG=configs/demo-cifar10.yaml NPROC=2 launch/torchrun.sh train.epochs=3 run.dir=runs/try
-#   DRY_RUN=1 launch/torchrun.sh                          # print what would run
+#   DRY_RUN=1 launch/torchrun.sh                          # check the config, print what would run
 #
 # SIGTERM to torchrun reaches every trainer: they checkpoint and exit 75; rerun to resume.
 set -euo pipefail
@@ -17,6 +17,7 @@ NPROC=${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m trainer --config "$CONFIG" "$@")
 if [ -n "${DRY_RUN:-}" ]; then
+  "$PYTHON" -m trainer --check --dry-run --world-size "$NPROC" --config "$CONFIG" "$@" || exit $?
   echo "would run: $PYTHON -m trainer --check --world-size $NPROC --config $CONFIG $*"
   echo "would run: ${CMD[*]}"
   exit 0

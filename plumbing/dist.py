@@ -1,20 +1,32 @@
-"""The one place that reads launcher variables: torchrun, Slurm (one task per GPU) or nothing.
+"""The distributed environment, and every collective the project calls.
 
-`DistInfo.from_env()` turns them into one frozen record and refuses a half-set environment with a
-message naming what is missing; every other module asks it (dinov2's distributed/__init__.py and
-open_clip's distributed.py do the same job).
+`DistInfo.from_env()` turns the launcher's variables (torchrun, Slurm with one task per GPU, or none)
+into one frozen record and refuses a half-set environment with a message naming what is missing;
+every other module asks it (dinov2's distributed/__init__.py and open_clip's distributed.py do the
+same job). `init_process_group` joins the group; the helpers at the end (barrier, sums, max/min,
+object broadcast and gather, row gathers) are the only `torch.distributed` calls outside DeepSpeed,
+each putting its tensors on the backend's device: a CPU tensor all-reduced under NCCL fails only on
+the GPU run nobody here watches.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 import subprocess
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from plumbing.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+T = TypeVar("T")
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_ID")
@@ -90,11 +102,7 @@ class DistInfo:
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
         num_nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
         local_world = max(1, world // num_nodes)
-        addr = env.get("MASTER_ADDR") or _head_node(
-            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
-        )
-        # A port from the job id, so that two jobs sharing a node do not collide.
-        port = int(env.get("MASTER_PORT") or 20000 + int(env["SLURM_JOB_ID"]) % 20000)
+        addr, port = rendezvous(env)
         return cls(
             rank,
             world,
@@ -107,6 +115,16 @@ class DistInfo:
             "slurm",
             node_name,
         )
+
+
+def rendezvous(env: Mapping[str, str]) -> tuple[str, int]:
+    """Where a Slurm job's ranks meet: MASTER_ADDR/MASTER_PORT if set, else the first node of the
+    step's (or job's) node list and a port derived from the job id, so two jobs on a node differ."""
+    addr = env.get("MASTER_ADDR") or _head_node(
+        env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+    )
+    port = int(env.get("MASTER_PORT") or 20000 + _int(env, "SLURM_JOB_ID") % 20000)
+    return addr, port
 
 
 def _array(env: Mapping[str, str]) -> dict[str, int]:
@@ -156,11 +174,35 @@ def _head_node(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
+def comm_device(backends: str, local_rank: int) -> str:
+    """The device a collective's tensors must live on: NCCL moves only CUDA tensors, gloo CPU ones.
+    `backends` is what `init_process_group` was given ("gloo", "nccl" or "cpu:gloo,cuda:nccl"); with
+    both, small bookkeeping tensors still go over NCCL, beside the training tensors they follow."""
+    return f"cuda:{local_rank}" if "nccl" in backends else "cpu"
+
+
+def backends_for(cuda: bool) -> str:
+    """gloo alone on CPU; on GPUs NCCL for tensors and gloo beside it, so that object collectives and
+    any CPU tensor still have a backend (an NCCL-only group fails them: "No backend type associated
+    with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+@dataclass(frozen=True)
+class _Comm:
+    device: str = "cpu"
+    local_rank: int = 0
+
+
+_COMM = _Comm()
+
+
 def init_process_group(info: DistInfo, timeout_s: float = 600) -> str:
-    """Join the job's process group (nccl on GPUs, gloo on CPU). Returns the device to use."""
+    """Join the job's process group (NCCL + gloo on GPUs, gloo on CPU). Returns the compute device."""
     import torch
     import torch.distributed as dist
 
+    global _COMM
     # Libraries that read the launcher's variables themselves (DeepSpeed asserts on LOCAL_RANK) get
     # them from here, whatever launched us.
     os.environ.update(
@@ -175,20 +217,22 @@ def init_process_group(info: DistInfo, timeout_s: float = 600) -> str:
     device = f"cuda:{info.local_rank}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(info.local_rank)
+    backends = backends_for(cuda)
     if not info.distributed and not dist.is_initialized():
         # DeepSpeed wants a process group even alone: a one-rank group on an in-process store.
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backends, store=dist.HashStore(), rank=0, world_size=1)
     elif not dist.is_initialized():
         # Under torchrun the agent may already host the store at MASTER_PORT
         # (TORCHELASTIC_USE_AGENT_STORE): env:// knows to join it rather than bind the port again.
         init = "env://" if info.launcher == "torchrun" else f"tcp://{info.master_addr}:{info.master_port}"
         dist.init_process_group(
-            backend="nccl" if cuda else "gloo",
+            backend=backends,
             init_method=init,
             rank=info.rank,
             world_size=info.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+    _COMM = _Comm(comm_device(backends, info.local_rank), info.local_rank)
     return device
 
 
@@ -197,3 +241,128 @@ def destroy_process_group() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- collectives
+# Every torch.distributed call of the project is below (tests/test_layering.py scans for others).
+# Each helper is a no-op alone, and puts its tensors on the backend's device (`comm_device`).
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if world_size() > 1:
+        on_cuda = _COMM.device.startswith("cuda")
+        dist.barrier(device_ids=[_COMM.local_rank] if on_cuda else None)
+
+
+def _reduce(values: list[float] | Tensor, op: str) -> list[float]:
+    """Reduce over ranks, read on the host (one synchronisation when the values live on a GPU)."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    if isinstance(values, torch.Tensor):
+        t = values.detach().to(_COMM.device, torch.float64)
+    else:
+        t = torch.tensor(values, dtype=torch.float64, device=_COMM.device)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return t.tolist()
+
+
+def all_sum(values: list[float] | Tensor) -> list[float]:
+    """Element-wise sums over ranks."""
+    return _reduce(values, "SUM")
+
+
+def all_max(values: list[float] | Tensor) -> list[float]:
+    return _reduce(values, "MAX")
+
+
+def all_min(values: list[float] | Tensor) -> list[float]:
+    return _reduce(values, "MIN")
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank `src`'s `obj` on every rank (picklable objects only; small ones: a verdict, a path)."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return typing.cast(T, box[0])
+
+
+def gather_objects(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_rows(x: Tensor) -> Tensor:
+    """Equal-shaped tensors of all ranks, concatenated in rank order, on `x`'s device."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return x
+    local = x.detach().to(_COMM.device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(x.device)
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All ranks' rows in rank order, with gradients flowing back to their owners.
+
+    Every rank then computes its loss over the whole global batch; the gradient that reaches each
+    rank's rows is the sum over ranks of the gathered gradient's slice (open_clip's gather_with_grad,
+    full-loss variant). The backward sums with all_reduce, which gloo and NCCL both have
+    (reduce_scatter is NCCL-only)."""
+    if world_size() == 1:
+        return x
+    return typing.cast("Tensor", _gather_with_grad_fn().apply(x))
+
+
+@functools.cache
+def _gather_with_grad_fn() -> Any:
+    """The autograd Function, built on first use (this module imports torch lazily)."""
+    import torch
+    import torch.distributed as dist
+
+    class GatherWithGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Tensor) -> Tensor:
+            ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+            parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, x.contiguous())
+            return torch.cat(parts)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Tensor) -> Tensor:
+            grad = grad.contiguous()
+            dist.all_reduce(grad)
+            return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+    return GatherWithGrad
+
+
+if __name__ == "__main__":  # `python -m plumbing.dist`: a Slurm job's rendezvous point, for its log
+    try:
+        host, port = rendezvous(os.environ)
+        print(f"{host}:{port}")
+    except (UserError, KeyError) as err:
+        print(f"none ({err})" if "SLURM_JOB_ID" in os.environ else "none (not in a Slurm job)")

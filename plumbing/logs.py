@@ -40,7 +40,7 @@ def setup_logging(rank: int | None = None, log_file: Path | None = None, verbose
         handler.addFilter(_RankFilter(rank))
         root.addHandler(handler)
     # Libraries that print on every import or load: keep their warnings, drop their chatter.
-    for noisy in ("transformers", "diffusers", "DeepSpeed", "deepspeed", "torch.distributed"):
+    for noisy in ("transformers", "diffusers", "DeepSpeed", "deepspeed", "torch.distributed", "tensorboard"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU
     quiet_hf_progress()

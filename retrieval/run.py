@@ -9,25 +9,27 @@ sheets/ (contact sheets) and config.yaml.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import math
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from core.clip import Embedder
+from core.records import Records
+from core.sheets import contact_sheet
 from plumbing.config import save_config, to_dict
-from plumbing.dist import DistInfo, destroy_process_group, init_process_group
+from plumbing.dist import DistInfo, barrier, destroy_process_group, init_process_group
 from plumbing.errors import UserError
-from plumbing.files import atomic_write_bytes, atomic_write_json, atomic_write_text, safe_name
+from plumbing.files import atomic_write_json, safe_name
 from plumbing.logs import progress, setup_logging
 from retrieval.config import RetrievalConfig
-from retrieval.embed import Embedder, cached
+from retrieval.embed import cached
 from retrieval.sources import (
     ImageItem,
     ImageSet,
@@ -68,8 +70,9 @@ def caption(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
         lambda: (embed_texts(embedder, texts, cfg.batch_size), [t.id for t in bank]),
         info,
     )
-    prepare(out, cfg, info)
-    done = done_ids(out)
+    store = prepare(out, cfg, info, "image", "captions.jsonl")
+    done = store.done()
+    writer = store.writer(part_name(info))
     mine = [
         item
         for i, item in enumerate(images.items)
@@ -78,11 +81,11 @@ def caption(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
     log.info(
         "%d images, %d already captioned; this process captions %d against %d captions",
         len(images.items),
-        len(done & {i.id for i in images.items}),
+        len(done.keys() & {i.id for i in images.items}),
         len(mine),
         len(bank),
     )
-    bar = progress(len(mine), "caption", "img")
+    bar, started = progress(len(mine), "caption", "img"), time.perf_counter()
     for chunk in chunks(images.pictures(mine), cfg.batch_size):
         records = [skipped(item) for item, picture in chunk if picture is None]
         good = [(item, picture) for item, picture in chunk if picture is not None]
@@ -106,17 +109,18 @@ def caption(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
                         ],
                     }
                 )
-        append(out, info, records)
+        writer.append(records)
         bar.update(len(chunk))
     bar.close()
+    rate = Rate(len(mine), time.perf_counter() - started)
     return finish(
-        out,
+        rate,
+        store,
         cfg,
         info,
         [i.id for i in images.items],
         "image",
-        "captions.jsonl",
-        lambda recs: caption_summary(recs, images, bank),
+        lambda rs: caption_summary(rs, images, bank),
     )
 
 
@@ -143,18 +147,19 @@ def search(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
     table, ids = shared_embeddings(home, "images", embedder, images.fingerprint, embed_all, info)
     by_id = {item.id: item for item in images.items}
     readable = [by_id[i] for i in ids]
-    prepare(out, cfg, info)
-    done = done_ids(out, key="query_id")
+    store = prepare(out, cfg, info, "query_id", "search.jsonl")
+    done = store.done()
+    writer = store.writer(part_name(info))
     mine = [
         q for i, q in enumerate(queries) if i % info.work_slice[1] == info.work_slice[0] and q.id not in done
     ]
-    bar = progress(len(mine), "search", "query")
+    bar, started = progress(len(mine), "search", "query"), time.perf_counter()
     for chunk in chunks(iter(mine), cfg.batch_size):
         scores = embed_texts(embedder, [q.text for q in chunk], cfg.batch_size) @ table.t()
-        records = []
+        found = []
         for query, row in zip(chunk, scores):
             top = ranked(row, cfg.top_k)
-            records.append(
+            found.append(
                 {
                     "query_id": query.id,
                     "query": query.text,
@@ -169,10 +174,11 @@ def search(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
                     ],
                 }
             )
-        append(out, info, records)
+        writer.append(found)
         bar.update(len(chunk))
     bar.close()
-    return finish(out, cfg, info, [q.id for q in queries], "query_id", "search.jsonl", search_summary)
+    rate = Rate(len(mine), time.perf_counter() - started)
+    return finish(rate, store, cfg, info, [q.id for q in queries], "query_id", search_summary)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -224,54 +230,58 @@ def skipped(item: ImageItem) -> dict[str, Any]:
     return {"image": item.id, "source": item.source, "skipped": "cannot be read or decoded", "top": []}
 
 
-def prepare(out: Path, cfg: RetrievalConfig, info: DistInfo) -> None:
+def prepare(out: Path, cfg: RetrievalConfig, info: DistInfo, key: str, manifest: str) -> Records:
+    """The output folder (its config written once) and its records, keyed by `key`."""
     if info.is_main:
         (out / "parts").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     barrier()
+    return Records(out, manifest, key=lambda r: r[key])
 
 
-def done_ids(out: Path, key: str = "image") -> set[str]:
-    ids: set[str] = set()
-    for part in sorted((out / "parts").glob("*.jsonl")) if (out / "parts").is_dir() else []:
-        for line in part.read_text(encoding="utf-8").splitlines():
-            try:
-                ids.add(json.loads(line)[key])
-            except (json.JSONDecodeError, KeyError):
-                continue  # the unfinished last line of a killed run
-    return ids
+def part_name(info: DistInfo) -> str:
+    return f"a{info.array_index:04d}-r{info.rank:04d}"
 
 
-def append(out: Path, info: DistInfo, records: list[dict[str, Any]]) -> None:
-    path = out / "parts" / f"a{info.array_index:04d}-r{info.rank:04d}.jsonl"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-        f.flush()
+@dataclass(frozen=True)
+class Rate:
+    """This process's items of this run, and the seconds it spent on them (the bank's embedding aside)."""
+
+    items: int
+    seconds: float
+
+    @property
+    def per_s(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
 
 
 def finish(
-    out: Path, cfg: RetrievalConfig, info: DistInfo, order: list[str], key: str, name: str, summarise: Any
+    rate: Rate,
+    store: Records,
+    cfg: RetrievalConfig,
+    info: DistInfo,
+    order: list[str],
+    key: str,
+    summarise: Any,
 ) -> int:
     barrier()
     if not info.is_main:
         return 0
-    records: dict[str, dict[str, Any]] = {}
-    for part in sorted((out / "parts").glob("*.jsonl")):
-        for line in part.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            records[record[key]] = record
-    merged = [records[i] for i in order if i in records]
-    atomic_write_text(out / name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in merged))
-    summary = {"records": len(merged), "requested": len(order), **summarise(merged), "config": to_dict(cfg)}
+    out = store.root
+    merged = store.merge(order)
+    summary = {
+        "records": len(merged),
+        "requested": len(order),
+        **summarise(merged),
+        f"{'images' if key == 'image' else 'queries'}_per_s": round(rate.per_s, 3),  # rank 0's, this run
+        "config": to_dict(cfg),
+    }
     atomic_write_json(out / "summary.json", summary)
     sheets(out, cfg, merged, key)
     for record in merged[: cfg.show]:
         print(describe(record, key))
     shown = {k: v for k, v in summary.items() if k not in ("config", "skipped")}
-    print(f"{out / name}: {json.dumps(shown)}")
+    print(f"{store.manifest}: {json.dumps(shown)}")
     return 0
 
 
@@ -320,45 +330,17 @@ def sheets(out: Path, cfg: RetrievalConfig, records: list[dict[str, Any]], key: 
         groups = [records[i : i + 16] for i in range(0, len(records), 16)][: cfg.contact_sheets]
         for n, group in enumerate(groups):
             cells = [
-                (r["source"], r["top"][0]["caption"] if r["top"] else r.get("skipped", "")) for r in group
+                (_picture(r["source"], cfg), r["top"][0]["caption"] if r["top"] else r.get("skipped", ""))
+                for r in group
             ]
-            _sheet(folder / f"captions-{n:04d}.png", cells, cfg)
+            contact_sheet(folder / f"captions-{n:04d}.png", cells, cols=min(4, len(cells)))
     else:
         for r in records[: cfg.contact_sheets]:
-            _sheet(
-                folder / f"{safe_name(r['query_id'])}.png",
-                [(t["source"], f"{t['score']:.3f}") for t in r["top"]],
-                cfg,
-                title=r["query"],
+            cells = [(_picture(t["source"], cfg), f"{t['score']:.3f}") for t in r["top"]]
+            contact_sheet(
+                folder / f"{safe_name(r['query_id'])}.png", cells, cols=min(4, len(cells)), title=r["query"]
             )
-
-
-def _sheet(path: Path, cells: list[tuple[str, str]], cfg: RetrievalConfig, title: str = "") -> None:
-    pictures = [_picture(source, cfg) for source, _ in cells]
-    side, label = 128, 24
-    cols = min(4, len(cells))
-    rows = math.ceil(len(cells) / cols)
-    top = 16 if title else 0
-    sheet = Image.new("RGB", (cols * side, top + rows * (side + label)), "white")
-    draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((4, 2), title[:100], fill="black")
-    for i, (picture, (_, text)) in enumerate(zip(pictures, cells)):
-        x, y = (i % cols) * side, top + (i // cols) * (side + label)
-        if picture is not None:
-            picture.thumbnail((side, side))
-            sheet.paste(picture, (x, y))
-        draw.text((x + 2, y + side + 1), text[:22], fill="black")
-        draw.text((x + 2, y + side + 11), text[22:44], fill="black")
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _picture(source: str, cfg: RetrievalConfig) -> Image.Image | None:
     return picture_of(source, Path(cfg.manifest) if cfg.manifest else None, cfg.split)
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

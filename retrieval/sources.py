@@ -15,9 +15,9 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from data_prep.manifest import load_manifest
+from core.manifest import load_manifest
+from core.shards import captions_of, image_bytes, read_split
 from plumbing.errors import UserError
-from trainer.data import IMAGE_KEYS, Range, read_ranges, shards_of
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -95,7 +95,7 @@ def _tar_images(path: Path) -> Iterator[tuple[str, bytes]]:
     """(key, image bytes) of every sample with an image member in a WebDataset shard."""
     try:
         for sample in wds.tariterators.tarfile_samples(iter([{"url": str(path)}])):
-            data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+            data = image_bytes(sample)
             if data is not None:
                 yield sample["__key__"], data
     except (OSError, tarfile.TarError) as err:
@@ -154,15 +154,10 @@ def iter_manifest(path: Path, split: str, wanted: set[str]) -> Iterator[tuple[st
 
 
 def _samples(path: str, split: str, with_images: bool) -> Iterator[tuple[str, str, tuple[str, ...], bytes]]:
-    manifest = load_manifest(Path(path))
-    shards = shards_of(manifest, split, 0, 0, shuffle_shards=False)
-    for shard, count in shards:
-        for sample in read_ranges([Range(shard, 0, count)]):
-            key = sample["__key__"]
-            meta = json.loads(sample["json"]) if "json" in sample else {}
-            captions = tuple(meta.get("captions") or ([sample["txt"].decode()] if "txt" in sample else []))
-            data = next((sample[k] for k in IMAGE_KEYS if k in sample), b"") if with_images else b""
-            yield key, Path(shard).name, captions, data
+    """(key, shard name, captions, image bytes if asked) of every sample of a prepared split."""
+    for sample in read_split(load_manifest(Path(path)), split):
+        data = (image_bytes(sample) or b"") if with_images else b""
+        yield sample["__key__"], Path(sample["__url__"]).name, tuple(captions_of(sample)), data
 
 
 def read_texts(patterns: list[str], bank_split: str = "train", kind: str = "bank") -> tuple[list[Text], str]:

@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from core.presets import DIFFUSION_PRESETS, TinyConfig, TinyDiffusionConfig
 from plumbing.config import require
 from sampler.pipeline import SCHEDULERS
-from sampler.tiny import TinyDiffusionConfig
-from trainer.tiny import TinyConfig
 
 
 @dataclass
@@ -17,7 +16,7 @@ class SampleConfig:
     model: str = MISSING
     """Diffusers model folder or hub id (e.g. CompVis/stable-diffusion-v1-4): unet/, vae/, scheduler/, text_encoder/, tokenizer/."""
     preset: str = ""
-    """"tiny": build the tiny random-init components into `model` (if missing) and load them from there."""
+    """Build random-init components into `model` (if missing) and load them from there: "tiny" (offline default) or "sd-v1" (Stable Diffusion v1's shapes, for measuring)."""
     tiny: TinyDiffusionConfig = field(default_factory=TinyDiffusionConfig)
     tiny_clip: TinyConfig = field(default_factory=TinyConfig)
     """The tiny text encoder's shape: keep it equal to the trainer's model.tiny so its export fits."""
@@ -63,7 +62,9 @@ class SampleConfig:
     """A CLIP folder or trainer export to score each image against its prompt (0-100, CLIPScore)."""
 
     def __post_init__(self) -> None:
-        require(self.preset in ("", "tiny"), self, "preset", '"" or "tiny"')
+        require(
+            self.preset in ("", *DIFFUSION_PRESETS), self, "preset", '"" or ' + ", ".join(DIFFUSION_PRESETS)
+        )
         require(self.batch_size >= 1, self, "batch_size", "an int >= 1")
         require(self.steps >= 1, self, "steps", "an int >= 1")
         require(self.num_images >= 1, self, "num_images", "an int >= 1")

@@ -157,11 +157,5 @@ def _item(record: dict[str, Any], path: Path, lineno: int, defaults: Defaults) -
     return replace(base, **{k: v for k, v in values.items() if k != "id"})
 
 
-def _typed(value: Any, kind: type) -> bool:
-    if isinstance(value, bool):  # JSON true is not a number here
-        return False
-    return isinstance(value, kind) or (kind is float and isinstance(value, int))
-
-
 def image_seed(item: Item, k: int) -> int:
     return derive_seed(item.seed, "image", k)

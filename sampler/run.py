@@ -5,8 +5,6 @@ array task takes its slice of those; any of them may be killed and rerun."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,18 +12,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
+from core.clip import Embedder
+from core.presets import build_diffusion, is_built
 from plumbing.config import save_config, to_dict
-from plumbing.dist import DistInfo, destroy_process_group, init_process_group
+from plumbing.dist import DistInfo, barrier, destroy_process_group, init_process_group
 from plumbing.files import atomic_write_json, tree_digest
 from plumbing.logs import progress, setup_logging
 from sampler.config import SampleConfig
 from sampler.output import OutputFolder
 from sampler.pipeline import LatentDiffusion, Request, load_components, resolve_dtype
 from sampler.prompts import Defaults, Item, image_seed, read_prompts
-from sampler.tiny import build_tiny_diffusion, is_built
 
 log = logging.getLogger("sampler")
 
@@ -90,7 +88,8 @@ def _sample(cfg: SampleConfig, info: DistInfo, device: str) -> int:
         save_config(cfg, out.root / "config.yaml")
     barrier()
 
-    done = out.records()
+    records = out.records
+    done = records.done()
     index, count = info.work_slice
     mine = [
         job for i, job in enumerate(sorted(jobs, key=lambda j: (j.settings, j.key))) if i % count == index
@@ -105,8 +104,8 @@ def _sample(cfg: SampleConfig, info: DistInfo, device: str) -> int:
         len(todo),
     )
     provenance = describe_models(model, cfg)
-    scorer = ClipScorer(cfg.clip_score, device) if cfg.clip_score else None
-    part = f"a{info.array_index:04d}-r{info.rank:04d}"
+    scorer = Embedder(cfg.clip_score, device) if cfg.clip_score else None
+    writer = records.writer(f"a{info.array_index:04d}-r{info.rank:04d}")
     bar = progress(len(todo), "sample", "img", enabled=True)
     for batch in batches(todo, cfg.batch_size):
         first = batch[0].item
@@ -120,30 +119,18 @@ def _sample(cfg: SampleConfig, info: DistInfo, device: str) -> int:
             first.width,
         )
         result = pipe(request)
-        scores = scorer(result.images, request.prompts) if scorer else [None] * len(batch)
+        scores = scorer.score(result.images, request.prompts) if scorer else [None] * len(batch)
         for job, image, score in zip(batch, result.images, scores):
             path = out.image_path(job.item.id, job.k)
             digest = out.save_image(image, path)  # 6. save: the image first, its record after
-            out.append(
-                part,
-                record(
-                    job,
-                    path,
-                    out.root,
-                    digest,
-                    result.seconds / len(batch),
-                    cfg,
-                    dtype_name,
-                    provenance,
-                    score,
-                ),
-            )
+            seconds = result.seconds / len(batch)
+            writer.append([record(job, path, out.root, digest, seconds, cfg, dtype_name, provenance, score)])
         bar.update(len(batch))
     bar.close()
 
     barrier()
     if info.rank == 0:  # every array task merges what exists; the last one to finish sees it all
-        merged = out.merge(job.key for job in jobs)
+        merged = records.merge(sorted(job.key for job in jobs))
         finish(out, merged, cfg, len(jobs), prompts.skipped)
     return 0
 
@@ -193,16 +180,12 @@ def record(
 
 
 def ensure_model(cfg: SampleConfig, info: DistInfo) -> str:
-    """The model folder; the tiny preset is built there once, in a staging folder renamed into place."""
-    if cfg.preset != "tiny":
+    """The model folder; a preset is built there once (rank 0), whole or not at all."""
+    if not cfg.preset:
         return cfg.model
     folder = Path(cfg.model)
-    if info.is_main and not is_built(folder, cfg.tiny, cfg.tiny_clip):
-        staging = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-        build_tiny_diffusion(staging, cfg.tiny, cfg.tiny_clip)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+    if info.is_main and not is_built(folder, cfg.preset, cfg.tiny, cfg.tiny_clip):
+        build_diffusion(folder, cfg.preset, cfg.tiny, cfg.tiny_clip)
     barrier()
     return str(folder)
 
@@ -251,7 +234,14 @@ def finish(
     if cfg.webdataset and merged:
         out.shards(merged)
     scores = [r["clip_score"] for r in merged if "clip_score" in r]
-    summary = {"requested": requested, "done": len(merged), "skipped_lines": skipped, "config": to_dict(cfg)}
+    seconds = sum(r["seconds"] for r in merged)  # in the pipeline: saving and scoring aside
+    summary = {
+        "requested": requested,
+        "done": len(merged),
+        "images_per_s": round(len(merged) / seconds, 4) if seconds else 0.0,
+        "skipped_lines": skipped,
+        "config": to_dict(cfg),
+    }
     if scores:
         summary["clip_score"] = {"mean": sum(scores) / len(scores), "min": min(scores), "max": max(scores)}
     atomic_write_json(out.root / "summary.json", summary)
@@ -261,54 +251,3 @@ def finish(
     if scores:
         line += f"; mean CLIP score {summary['clip_score']['mean']:.2f}"
     print(line)
-
-
-class ClipScorer:
-    """CLIPScore (Hessel et al. 2021): 100 × max(cos(image, prompt), 0), with a plain CLIP folder or a
-    trainer export (then through its projection heads)."""
-
-    def __init__(self, path: str, device: str) -> None:
-        from trainer.model import HEADS_CONFIG, CLIPFineTuner, load_clip, load_processors
-
-        self.device = device
-        self.tokenizer, self.processor = load_processors(path)
-        self.model = (
-            CLIPFineTuner.from_pretrained(path)
-            if (Path(path) / HEADS_CONFIG).is_file()
-            else _Plain(load_clip(path))
-        )
-        self.model.to(device).eval()
-        self.max_length = min(self.tokenizer.model_max_length, 77)
-
-    @torch.no_grad()
-    def __call__(self, images: list[Any], prompts: list[str]) -> list[float]:
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-        tokens = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        image, text, _ = self.model(
-            pixels, tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
-        )
-        return (100 * (image * text).sum(-1).clamp(min=0)).tolist()
-
-
-class _Plain(torch.nn.Module):
-    """A bare CLIPModel with CLIPFineTuner's forward signature."""
-
-    def __init__(self, clip: Any) -> None:
-        super().__init__()
-        self.clip = clip
-
-    def forward(
-        self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        image = self.clip.visual_projection(self.clip.vision_model(pixel_values=pixels).pooler_output)
-        text = self.clip.text_projection(
-            self.clip.text_model(input_ids=ids, attention_mask=mask).pooler_output
-        )
-        return torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1), None
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import tarfile
 import zipfile
@@ -143,7 +142,3 @@ class FlickrFixture:
                 for c in caps:
                     writer.writerow([name, c])
         return images, root / "captions.txt"
-
-
-def gzip_bytes(data: bytes) -> bytes:
-    return gzip.compress(data, mtime=0)

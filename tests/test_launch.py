@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import env, run, scalars
+from tests.helpers import PY, env, run, scalars
 
 SLURM_CONF = os.environ.get("SLURM_CONF", "/tmp/clip-harness-slurm/slurm.conf")
 
@@ -193,15 +193,40 @@ def test_sbatch_dry_run_prints_what_would_run() -> None:
         DRY_RUN="1",
         RUN_NAME="try",
         OVERRIDES="train.epochs=1",
-        PYTHON="python3",
+        PYTHON=PY,
     )
+    assert "ok: config valid; data not checked" in proc.stdout
     assert (
-        "would run: python3 -m trainer --check --world-size 1 --config configs/flickr8k.yaml run.dir=runs/try train.epochs=1"
+        f"would run: {PY} -m trainer --check --world-size 1 --config configs/flickr8k.yaml run.dir=runs/try train.epochs=1"
         in proc.stdout
     )
     assert (
-        "would run: srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=1 python3 -m trainer" in proc.stdout
+        f"would run: srun --nodes=1 --ntasks-per-node=1 --kill-on-bad-exit=1 {PY} -m trainer" in proc.stdout
     )
+
+
+@pytest.mark.parametrize("script", ["launch/flickr8k.sbatch", "launch/torchrun.sh", "launch/sample.sbatch"])
+@pytest.mark.parametrize(
+    ("variables", "needle"),
+    [
+        ({"CONFIG": "configs/does-not-exist.yaml"}, "configs/does-not-exist.yaml: cannot read config"),
+        ({"OVERRIDES": "bogus.key=1"}, "unknown key 'bogus'"),
+    ],
+)
+def test_a_dry_run_refuses_a_bad_config_or_key_in_one_line(
+    script: str, variables: dict[str, str], needle: str
+) -> None:
+    """DRY_RUN checks the config file and every override exactly as the run would, and stops with its
+    one-line error instead of printing what would run."""
+    extra = dict(variables)
+    args = []
+    if script == "launch/torchrun.sh" and "OVERRIDES" in extra:  # torchrun.sh takes overrides as arguments
+        args = [extra.pop("OVERRIDES")]
+    proc = run(["bash", script, *args], check=False, DRY_RUN="1", PYTHON=PY, **extra)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "would run" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
 
 
 @pytest.mark.system
@@ -227,11 +252,10 @@ def test_torchrun_script_trains_with_two_processes(small_data: dict[str, Path], 
 @slurm
 @pytest.mark.slurm
 def test_sample_sbatch_array_splits_the_images_and_merges_one_manifest(tmp_path: Path) -> None:
-    from sampler.tiny import TinyDiffusionConfig, build_tiny_diffusion
-    from trainer.tiny import TinyConfig
+    from core.presets import TinyConfig, TinyDiffusionConfig, build_diffusion
 
     model = tmp_path / "tiny-diffusion"
-    build_tiny_diffusion(model, TinyDiffusionConfig(), TinyConfig(image_size=64, patch_size=8))
+    build_diffusion(model, "tiny", TinyDiffusionConfig(), TinyConfig(image_size=64, patch_size=8))
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(6)))
     out = tmp_path / "out"

@@ -157,35 +157,33 @@ def test_sigterm_checkpoints_and_exits_within_the_grace_period(
 def test_a_nonfinite_micro_batch_is_dropped_before_deepspeed_sees_it(tmp_path: Path) -> None:
     """The trainer's own micro-step with a loss that is NaN once: parameters and DeepSpeed's step
     counter stay as they were, the next finite batch trains."""
+    from core.presets import TinyConfig, build_clip
     from plumbing.config import load_config
     from plumbing.dist import DistInfo, init_process_group
     from trainer.config import TrainConfig
     from trainer.engine import BatchSizes, build_engine, teardown
-    from trainer.model import build_finetuner
-    from trainer.tiny import TinyConfig, build_tiny_clip
-    from trainer.train import Loop, StopSignals
+    from trainer.loop import Loop, StopSignals
+    from trainer.tasks.clip import build_finetuner
 
-    build_tiny_clip(tmp_path / "clip", TinyConfig())
+    build_clip(tmp_path / "clip", "tiny", TinyConfig())
     init_process_group(DistInfo.from_env({}))
     cfg = load_config(
         TrainConfig, None, ["train.objective=contrastive", "data.manifest=x", f"run.dir={tmp_path}"]
     )
     engine = build_engine(
         build_finetuner(cfg.model, str(tmp_path / "clip")),
-        cfg.model,
         cfg.deepspeed,
         cfg.optim,
         BatchSizes(4, 1, 1),
         100,
-        False,
+        "cpu",
     )
     losses = iter([torch.tensor(float("nan")), None])
 
-    class Probe:
-        device, dtype, signals = "cpu", torch.float32, StopSignals()
-        state = type("State", (), {"step": 0, "micro_in_epoch": 0, "epoch": 0})()
+    class PlantedTask:
+        """A task whose first loss is NaN, then the model's own."""
 
-        def loss(self, batch: dict) -> tuple[torch.Tensor, float]:
+        def loss(self, engine: object, batch: dict, draw: int) -> tuple[torch.Tensor, dict]:
             planted = next(losses)
             image, text, scale = engine(
                 pixel_values=batch["pixel_values"],
@@ -193,7 +191,17 @@ def test_a_nonfinite_micro_batch_is_dropped_before_deepspeed_sees_it(tmp_path: P
                 attention_mask=batch["attention_mask"],
             )
             real = (image * text).sum() * scale.sum()
-            return (real if planted is None else planted), 1.0
+            return (real if planted is None else planted), {}
+
+        def after_step(self, engine: object) -> None:
+            pass
+
+    config = cfg
+
+    class Probe:
+        signals, rank, cfg = StopSignals(), 0, config
+        state = type("State", (), {"step": 0, "micro_in_epoch": 0, "epoch": 0})()
+        task = PlantedTask()
 
     probe = Probe()
     probe.engine = engine
@@ -204,11 +212,11 @@ def test_a_nonfinite_micro_batch_is_dropped_before_deepspeed_sees_it(tmp_path: P
         "attention_mask": torch.ones(4, 32, dtype=torch.long),
     }
     before = [p.detach().clone() for p in engine.module.parameters()]
-    _, finite, _, _ = step(batch)
-    assert not finite and engine.global_steps == 0
+    first = step(batch)
+    assert not first.finite and engine.global_steps == 0
     assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
-    _, finite, boundary, _ = step(batch)
-    assert finite and boundary and engine.global_steps == 1
+    second = step(batch)
+    assert second.finite and second.boundary and engine.global_steps == 1
     assert not all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
     teardown(engine)
     torch.distributed.destroy_process_group()
@@ -269,11 +277,10 @@ def test_shard_faults_are_caught_before_training(
 
 
 def test_sampler_disk_full_is_one_line_and_nothing_incomplete_is_listed(tmp_path: Path) -> None:
-    from sampler.tiny import TinyDiffusionConfig, build_tiny_diffusion
-    from trainer.tiny import TinyConfig
+    from core.presets import TinyConfig, TinyDiffusionConfig, build_diffusion
 
     model = tmp_path / "model"
-    build_tiny_diffusion(model, TinyDiffusionConfig(), TinyConfig(image_size=64, patch_size=8))
+    build_diffusion(model, "tiny", TinyDiffusionConfig(), TinyConfig(image_size=64, patch_size=8))
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(4)))
     out = tmp_path / "out"

@@ -15,12 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from core.presets import TinyConfig, TinyDiffusionConfig, build_diffusion
 from plumbing.errors import UserError
 from sampler.pipeline import SCHEDULERS, LatentDiffusion, Request, load_components
 from sampler.prompts import Defaults, read_prompts
-from sampler.tiny import TinyDiffusionConfig, build_tiny_diffusion
 from tests.helpers import PY, ROOT, env, run, sampler_args, torchrun, trainer_args
-from trainer.tiny import TinyConfig
 
 CLIP = TinyConfig(image_size=64, patch_size=8)  # the demo-flickr8k tiny CLIP
 DEFAULTS = Defaults(
@@ -31,7 +30,7 @@ DEFAULTS = Defaults(
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("sd") / "tiny-diffusion"
-    build_tiny_diffusion(folder, TinyDiffusionConfig(), CLIP)
+    build_diffusion(folder, "tiny", TinyDiffusionConfig(), CLIP)
     return folder
 
 
@@ -188,8 +187,8 @@ def test_bad_prompt_line_stops_the_cli_with_one_line(tiny_sd: Path, tmp_path: Pa
 
 def test_text_encoder_of_another_width_is_refused_with_the_pairing(tiny_sd: Path, tmp_path: Path) -> None:
     wide = tmp_path / "wide"
-    build_tiny_diffusion(
-        wide, TinyDiffusionConfig(), TinyConfig(image_size=64, patch_size=8, text_width=48, heads=4)
+    build_diffusion(
+        wide, "tiny", TinyDiffusionConfig(), TinyConfig(image_size=64, patch_size=8, text_width=48, heads=4)
     )
     with pytest.raises(UserError) as info:
         load_components(str(tiny_sd), str(wide), "ddim", "cpu", torch.float32)

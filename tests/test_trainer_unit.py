@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 
+from core.shards import Range, cut
 from plumbing.config import ConfigError, load_config
 from plumbing.dist import DistInfo
 from plumbing.errors import UserError
 from trainer.config import TrainConfig
-from trainer.data import Range, _cut, train_layout
 from trainer.engine import lr_lambda, param_groups
-from trainer.evaluate import retrieval_recall, topk_correct
+from trainer.plan import train_layout
+from trainer.tasks.clip import retrieval_recall, topk_correct
 
 
 def test_topk_correct_on_known_logits() -> None:
@@ -38,8 +39,8 @@ def test_retrieval_recall_on_known_embeddings() -> None:
 
 def test_cut_returns_the_shard_ranges_of_a_sample_range() -> None:
     shards = [("a", 40), ("b", 40), ("c", 15)]
-    assert _cut(shards, 30, 85) == [Range("a", 30, 40), Range("b", 0, 40), Range("c", 0, 5)]
-    assert _cut(shards, 0, 0) == []
+    assert cut(shards, 30, 85) == [Range("a", 30, 40), Range("b", 0, 40), Range("c", 0, 5)]
+    assert cut(shards, 0, 0) == []
 
 
 def test_layout_gives_every_rank_the_same_steps_and_says_why_when_it_cannot(tmp_path) -> None:
@@ -131,11 +132,10 @@ def test_lr_warms_up_then_decays_to_the_floor() -> None:
 
 
 def test_freezing_the_last_layers_only(tmp_path) -> None:
-    from trainer.engine import freeze
-    from trainer.model import ModelConfig, build_finetuner
-    from trainer.tiny import TinyConfig, build_tiny_clip
+    from core.presets import TinyConfig, build_clip
+    from trainer.tasks.clip import ModelConfig, build_finetuner, freeze
 
-    build_tiny_clip(tmp_path, TinyConfig())
+    build_clip(tmp_path, "tiny", TinyConfig())
     cfg = ModelConfig(preset="tiny", vision_trainable_layers=1, freeze_text=True)
     model = build_finetuner(cfg, str(tmp_path))
     freeze(model, cfg)
@@ -152,7 +152,10 @@ def test_freezing_the_last_layers_only(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["train.objective=regression"], 'train.objective: expected "classification" or "contrastive"'),
+        (
+            ["train.objective=regression"],
+            'train.objective: expected "classification", "contrastive", "vae" or "denoising"',
+        ),
         (["deepspeed.zero_stage=4"], "deepspeed.zero_stage: expected 0, 1, 2 or 3"),
         (["deepspeed.offload_param=true"], "deepspeed.offload_param: expected zero_stage 3"),
         (["train.batch_size=many"], "train.batch_size"),

@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from plumbing.config import require
-from plumbing.dist import DistInfo
+from plumbing.dist import DistInfo, barrier
 from plumbing.errors import UserError
 from plumbing.files import atomic_write_json, fsync_dir, read_json
 from trainer import engine as ds
+from trainer.data import Layout
+from trainer.engine import Engine
 
 log = logging.getLogger("trainer.checkpoint")
 STATE = "trainer_state.json"
@@ -56,6 +58,11 @@ class TrainState:
     loader_workers: int = 1
     micro_batch: int = 1
 
+    @classmethod
+    def of(cls, layout: Layout) -> TrainState:
+        """A fresh run's state; the data layout is recorded so that a resume can check it."""
+        return cls(world_size=layout.ranks, loader_workers=layout.workers, micro_batch=layout.batch)
+
     def tag(self) -> str:
         return f"step-{self.step:08d}"
 
@@ -88,7 +95,16 @@ class Checkpointer:
         ]
         return sorted(found, key=lambda p: read_json(p / STATE)["state"]["step"])
 
-    def save(self, engine: Any, state: TrainState, config: dict[str, Any], groups: list[list[str]]) -> Path:
+    def save(
+        self,
+        engine: Engine,
+        state: TrainState,
+        config: dict[str, Any],
+        groups: list[list[str]],
+        extra: dict[str, torch.Tensor],
+    ) -> Path:
+        """Every rank writes its part (DeepSpeed's files, its RNG state, the task's `extra` state);
+        rank 0 then marks the checkpoint complete and renames it into place."""
         final = self.root / state.tag()
         if state.tag() in self.saved:  # the same step saved already (e.g. epoch end and every_steps agree)
             return final
@@ -97,11 +113,16 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(PARTIAL + "*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        _barrier()
+        barrier()
         payload = {"state": asdict(state), "config": config, "param_groups": groups}
         ds.save_checkpoint(engine, self.root, tag, {"trainer": payload})
         torch.save(_rng_state(), self.root / tag / f"rng-rank{self.info.rank:05d}.pt")
-        _barrier()
+        if extra:
+            save_file(
+                {k: v.contiguous() for k, v in extra.items()},
+                str(self.root / tag / extra_name(self.info.rank)),
+            )
+        barrier()
         if self.info.is_main:
             atomic_write_json(self.root / tag / STATE, payload)
             if final.exists():  # left by an earlier trajectory that was resumed from an older checkpoint
@@ -109,7 +130,7 @@ class Checkpointer:
             (self.root / tag).rename(final)
             fsync_dir(self.root)
             self._prune()
-        _barrier()
+        barrier()
         self.saved.add(state.tag())
         log.info("checkpoint %s (epoch %d, step %d)", final, state.epoch, state.step)
         return final
@@ -135,7 +156,10 @@ class Checkpointer:
             raise UserError(f"resume={resume}: not a complete checkpoint (no {STATE})")
         return path
 
-    def load(self, engine: Any, path: Path, expect: TrainState) -> TrainState:
+    def load(
+        self, engine: Engine, path: Path, expect: TrainState
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """The trainer state, with DeepSpeed's and the RNG's restored; and this rank's extra state."""
         payload = read_json(path / STATE)
         state = TrainState(**payload["state"])
         if state.world_size != expect.world_size:
@@ -165,6 +189,11 @@ class Checkpointer:
             )
             state.epoch, state.micro_in_epoch = state.epoch + 1, 0
         state.loader_workers, state.micro_batch = expect.loader_workers, expect.micro_batch
+        # a rank without its own file holds what rank 0 saved for every rank (an EMA below ZeRO-3)
+        extra_file = next(
+            (f for f in (path / extra_name(self.info.rank), path / extra_name(0)) if f.is_file()), None
+        )
+        extra = load_file(str(extra_file)) if extra_file is not None else {}
         log.info(
             "resumed from %s: epoch %d, step %d, %d micro-batches into the epoch",
             path,
@@ -172,9 +201,13 @@ class Checkpointer:
             state.step,
             state.micro_in_epoch,
         )
-        return state
+        return state, extra
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def extra_name(rank: int) -> str:
+    return f"extra-rank{rank:05d}.safetensors"
+
+
+def extra_states(checkpoint: Path) -> list[dict[str, torch.Tensor]]:
+    """Every rank's extra state in a checkpoint, in rank order (empty when the task keeps none)."""
+    return [load_file(str(f)) for f in sorted(checkpoint.glob("extra-rank*.safetensors"))]

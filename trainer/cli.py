@@ -4,7 +4,8 @@
     torchrun --nproc-per-node 2 -m trainer --config configs/flickr8k.yaml deepspeed.zero_stage=3
 
 `--check` loads and validates everything a run needs (config, manifest, shards, the epoch plan)
-without training: launch scripts run it once before starting many processes.
+without training: launch scripts run it once before starting many processes, and their DRY_RUN
+runs it with `--dry-run` (data that does not exist yet is then reported instead of refused).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--world-size", type=int, default=1, help="with --check: the number of ranks the run will have"
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --check: a manifest that does not exist yet is reported, not an error (launchers' DRY_RUN)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. run.dir=runs/x train.max_steps=100"
@@ -34,10 +40,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Rust tokenizers warn (and may deadlock) when the loader forks workers after they ran threads.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # diffusers imports accelerate, which imports DeepSpeed, which guesses its device aloud unless told.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     # DeepSpeed 0.19 still calls torch.distributed's old collective names: one warning per call.
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use .*", category=FutureWarning)
     return run_cli("trainer", lambda: _main(args))
@@ -53,7 +67,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.check:
         from trainer.plan import check
 
-        print(check(cfg, args.world_size))
+        print(check(cfg, args.world_size, args.dry_run))
         return 0
     from trainer.train import train
 

@@ -12,7 +12,9 @@ from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
 from trainer.engine import DeepSpeedConfig, OptimConfig
 from trainer.evaluate import EvalConfig
-from trainer.model import ModelConfig
+from trainer.tasks import OBJECTIVES
+from trainer.tasks.clip import ModelConfig
+from trainer.tasks.diffusion import DiffusionConfig
 
 
 @dataclass
@@ -25,6 +27,8 @@ class RunConfig:
     """Write scalars and a log line every N optimizer steps."""
     verbose: bool = False
     """Let every rank log to the console (default: rank 0 only; all ranks still raise errors)."""
+    verify_export: bool = True
+    """After exporting, read the export back and check it equals the live engine's parameters (gathered across ranks)."""
 
     def __post_init__(self) -> None:
         require(self.log_every >= 1, self, "log_every", "an int >= 1")
@@ -33,7 +37,7 @@ class RunConfig:
 @dataclass
 class LoopConfig:
     objective: str = MISSING
-    """"classification" (CIFAR-10: images against class prompts) or "contrastive" (Flickr8k: InfoNCE)."""
+    """The task: "classification" (CLIP: images against class prompts), "contrastive" (CLIP: InfoNCE over image–caption pairs), "vae" (the tiny VAE) or "denoising" (the diffusion U-Net)."""
     epochs: int = 1
     """Passes over the train split."""
     max_steps: int = 0
@@ -48,12 +52,8 @@ class LoopConfig:
     """A non-finite loss skips the micro-batch; this many in a row stop the run."""
 
     def __post_init__(self) -> None:
-        require(
-            self.objective in ("classification", "contrastive"),
-            self,
-            "objective",
-            '"classification" or "contrastive"',
-        )
+        named = [f'"{o}"' for o in OBJECTIVES]
+        require(self.objective in OBJECTIVES, self, "objective", ", ".join(named[:-1]) + " or " + named[-1])
         require(self.epochs >= 1, self, "epochs", "an int >= 1")
         require(self.max_steps >= 0, self, "max_steps", "an int >= 0")
         require(self.batch_size >= 1, self, "batch_size", "an int >= 1")
@@ -71,6 +71,7 @@ class LoopConfig:
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,13 +1,13 @@
-"""The WebDataset pipeline, built from manifest.json (never from globs).
+"""The training data pipeline, built from manifest.json (never from globs).
 
-Every epoch is planned from the manifest alone, identically on every rank:
+Every epoch is planned from the manifest alone, identically on every rank (trainer/plan.py):
 
 1. shards in a seeded per-epoch order;
 2. the concatenated samples cut into R × W equal contiguous slots (R ranks, W loader workers per
    rank), so every rank runs the same number of steps (unequal counts hang collectives) and at most
    R × W × batch samples an epoch are left out (a different few each epoch);
 3. each slot is read by one worker: its shard ranges → a seeded shuffle buffer → skip what a resumed
-   run already trained on → decode → preprocess → fixed-size batches.
+   run already trained on → decode → the task's preprocessing → fixed-size batches.
 
 The DataLoader takes batches from its workers in strict turn, so micro-batch i of an epoch is batch
 i // W of worker i % W. A checkpoint therefore only needs the epoch and the number of micro-batches
@@ -17,33 +17,32 @@ size and workers). WebDataset alone does not give this: its shard split depends 
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
 import logging
-import math
 import random
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 import webdataset as wds
 from omegaconf import MISSING
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.manifest import Manifest, ShardRecord
+from core.manifest import Manifest
+from core.shards import cut, decode, read_ranges, split_shards
 from plumbing.config import require
-from plumbing.errors import UserError
 from plumbing.seeds import derive_seed
 
+if TYPE_CHECKING:
+    from trainer.plan import Plan
+    from trainer.tasks import Task
+
 log = logging.getLogger("trainer.data")
-IMAGE_KEYS = ("jpg", "jpeg", "png")
+
+Prep = Callable[[dict[str, Any], int, bool], dict[str, Any]]
+Collate = Callable[[list[dict[str, Any]]], dict[str, Any]]
 
 
 @dataclass
@@ -79,27 +78,6 @@ class DataConfig:
         require(self.verify in ("sha256", "size", "none"), self, "verify", '"sha256", "size" or "none"')
 
 
-# --------------------------------------------------------------------------- planning
-
-
-@dataclass(frozen=True)
-class Range:
-    path: str
-    start: int
-    stop: int
-
-
-def _cut(shards: list[tuple[str, int]], start: int, stop: int) -> list[Range]:
-    """The shard ranges that hold samples [start, stop) of the concatenation of `shards`."""
-    ranges, offset = [], 0
-    for path, count in shards:
-        lo, hi = max(start, offset), min(stop, offset + count)
-        if lo < hi:
-            ranges.append(Range(path, lo - offset, hi - offset))
-        offset += count
-    return ranges
-
-
 @dataclass(frozen=True)
 class Layout:
     """How an epoch is cut: ranks × workers slots of `per_slot` samples, in batches of `batch`."""
@@ -119,34 +97,7 @@ class Layout:
         return self.batches_per_slot * self.workers
 
 
-def train_layout(total: int, ranks: int, workers: int, batch: int, split: str, manifest: Path) -> Layout:
-    slots = ranks * max(1, workers)
-    layout = Layout(ranks, max(1, workers), batch, total // slots)
-    if layout.batches_per_slot == 0:
-        raise UserError(
-            f"{manifest}: split {split!r} has {total} samples, but {ranks} ranks × {max(1, workers)} loader workers × "
-            f"batch {batch} need at least {slots * batch}; lower train.batch_size or data.workers, or add data"
-        )
-    return layout
-
-
-def epoch_shards(
-    shards: list[ShardRecord], root: Path, seed: int, epoch: int, shuffle: bool
-) -> list[tuple[str, int]]:
-    order = list(shards)
-    if shuffle:
-        random.Random(derive_seed(seed, "shards", epoch)).shuffle(order)
-    return [(str(root / s.name), s.num_samples) for s in order]
-
-
 # --------------------------------------------------------------------------- stages
-
-
-def read_ranges(ranges: list[Range]) -> Iterator[dict[str, Any]]:
-    """Raw samples (bytes per extension) of the slot, read with webdataset's own tar reader."""
-    for r in ranges:
-        samples = wds.tariterators.tarfile_samples(iter([{"url": r.path}]))
-        yield from itertools.islice(samples, r.start, r.stop)
 
 
 def shuffle(stream: Iterator[dict[str, Any]], bufsize: int, rng: random.Random) -> Iterator[dict[str, Any]]:
@@ -165,23 +116,6 @@ def shuffle(stream: Iterator[dict[str, Any]], bufsize: int, rng: random.Random) 
 
 def skip(stream: Iterator[dict[str, Any]], count: int) -> Iterator[dict[str, Any]]:
     return itertools.islice(stream, count, None)
-
-
-def decode(sample: dict[str, Any]) -> dict[str, Any]:
-    """Only the handlers the harness needs: image (PIL), txt, json, cls. Never pickle."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise ValueError("no image member")
-    with Image.open(io.BytesIO(sample[key])) as image:
-        image = image.convert("RGB")
-    out: dict[str, Any] = {"key": sample["__key__"], "image": image}
-    if "cls" in sample:
-        out["label"] = int(sample["cls"])
-    if "json" in sample:
-        out["meta"] = json.loads(sample["json"])
-    if "txt" in sample:
-        out["text"] = sample["txt"].decode("utf-8")
-    return out
 
 
 def decode_or_substitute(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -208,13 +142,9 @@ def decode_or_substitute(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str,
         raise RuntimeError(f"the last {pending} samples of a data slot do not decode")
 
 
-def preprocess(
-    sample: dict[str, Any], transform: ImageTransform, seed: int, epoch: int, train: bool
-) -> dict[str, Any]:
-    """Image → uint8 tensor; text → one caption. Randomness comes from the sample's key and the epoch,
-    not from the order, so a resumed run draws exactly what an uninterrupted one would."""
-    draw = derive_seed(seed, "sample", epoch, sample["key"])
-    sample["pixel_values"] = transform(sample.pop("image"), random.Random(draw))
+def pick_caption(sample: dict[str, Any], draw: int, train: bool) -> dict[str, Any]:
+    """One of the sample's captions as `text` (drawn per epoch in training; the first in evaluation),
+    all of them as `captions`."""
     captions = sample.get("meta", {}).get("captions") or ([sample["text"]] if "text" in sample else [])
     if captions:
         sample["text"] = captions[draw % len(captions)] if train else captions[0]
@@ -222,11 +152,14 @@ def preprocess(
     return sample
 
 
+def prepare(sample: dict[str, Any], prep: Prep, seed: int, epoch: int, train: bool) -> dict[str, Any]:
+    """The task's preprocessing with the sample's own seed: drawn from its key and the epoch, not from
+    the order, so a resumed run draws exactly what an uninterrupted one would."""
+    return prep(sample, derive_seed(seed, "sample", epoch, sample["key"]), train)
+
+
 def batched(
-    stream: Iterator[dict[str, Any]],
-    size: int,
-    count: int,
-    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    stream: Iterator[dict[str, Any]], size: int, count: int, collate: Collate
 ) -> Iterator[dict[str, Any]]:
     """Exactly `count` batches of `size` (the plan guarantees the samples exist)."""
     for _ in range(count):
@@ -241,90 +174,6 @@ def batched(
 # --------------------------------------------------------------------------- datasets
 
 
-class Collate:
-    """Stacks and normalises images (the processor's mean and std) and tokenises texts with the
-    model's tokenizer, once per batch."""
-
-    def __init__(self, tokenizer: Any, max_length: int, with_text: bool, processor: Any) -> None:
-        self.tokenizer, self.max_length, self.with_text = tokenizer, max_length, with_text
-        self.mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        pixels = torch.stack([s["pixel_values"] for s in samples]).float()
-        batch: dict[str, Any] = {
-            "pixel_values": pixels.sub_(self.mean).div_(self.std),
-            "keys": [s["key"] for s in samples],
-            "skipped": sum(s.get("skipped", 0) for s in samples),
-            "valid": torch.tensor([s.get("valid", True) and not s.get("substitute", False) for s in samples]),
-            "index": torch.tensor([s.get("index", -1) for s in samples]),
-        }
-        if "label" in samples[0]:
-            batch["labels"] = torch.tensor([s["label"] for s in samples])
-        if self.with_text:
-            tokens = self.tokenize([s["text"] for s in samples])
-            batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
-        if "captions" in samples[0]:
-            batch["captions"] = [s["captions"] for s in samples]
-        return batch
-
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-
-
-@dataclass(frozen=True)
-class ImageTransform:
-    """CLIP preprocessing with the model's own processor values, done in PIL as CLIPImageProcessor does
-    it: the short side resized (bicubic) to `size`, then a centre crop; for training optionally a
-    random resized crop (torchvision's recipe) and horizontal flips, drawn from the sample's own
-    generator. Gives uint8 CHW: Collate normalises whole batches at once (per image it cost more than
-    the resize)."""
-
-    size: int
-    crop: tuple[int, int]  # height, width
-    random_crop: bool = False
-    scale_min: float = 0.8
-    hflip: bool = False
-
-    @classmethod
-    def of(cls, processor: Any, cfg: DataConfig | None, train: bool) -> ImageTransform:
-        size = processor.size.get("shortest_edge") or min(processor.size.values())
-        crop = (processor.crop_size["height"], processor.crop_size["width"])
-        if not train or cfg is None:
-            return cls(size, crop)
-        return cls(size, crop, cfg.random_crop, cfg.crop_scale_min, cfg.hflip)
-
-    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        ch, cw = self.crop
-        if self.random_crop:
-            image = image.resize((cw, ch), Image.Resampling.BICUBIC, box=self._random_box(image.size, rng))
-        else:
-            w, h = image.size
-            scale = self.size / min(w, h)
-            w, h = max(cw, round(w * scale)), max(ch, round(h * scale))
-            image = image.resize((w, h), Image.Resampling.BICUBIC)
-            left, top = round((w - cw) / 2), round((h - ch) / 2)
-            image = image.crop((left, top, left + cw, top + ch))
-        if self.hflip and rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-
-    def _random_box(self, size: tuple[int, int], rng: random.Random) -> tuple[int, int, int, int]:
-        """torchvision's RandomResizedCrop box: area fraction in [scale_min, 1], aspect in [3/4, 4/3]."""
-        w, h = size
-        for _ in range(10):
-            area = w * h * rng.uniform(self.scale_min, 1.0)
-            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-            if 0 < cw <= w and 0 < ch <= h:
-                left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
-                return left, top, left + cw, top + ch
-        side = min(w, h)
-        return (w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side
-
-
 class TrainEpoch(IterableDataset):
     """One epoch of one rank; each loader worker reads its own slot."""
 
@@ -335,14 +184,14 @@ class TrainEpoch(IterableDataset):
         rank: int,
         epoch: int,
         start: int,
-        cfg: DataConfig,
+        shuffle_buffer: int,
         seed: int,
-        transform: ImageTransform,
+        prep: Prep,
         collate: Collate,
     ) -> None:
         super().__init__()
         self.shards, self.layout, self.rank, self.epoch, self.start = shards, layout, rank, epoch, start
-        self.cfg, self.seed, self.transform, self.collate = cfg, seed, transform, collate
+        self.shuffle_buffer, self.seed, self.prep, self.collate = shuffle_buffer, seed, prep, collate
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -353,17 +202,16 @@ class TrainEpoch(IterableDataset):
         slot = self.rank * lay.workers + worker
         # Micro-batches i < start were trained already; slot worker w made those with i % W == w.
         done = max(0, -(-(self.start - worker) // lay.workers))
-        ranges = _cut(self.shards, slot * lay.per_slot, (slot + 1) * lay.per_slot)
+        ranges = cut(self.shards, slot * lay.per_slot, (slot + 1) * lay.per_slot)
         rng = random.Random(derive_seed(self.seed, "shuffle", self.epoch, slot))
-        prep = partial(preprocess, transform=self.transform, seed=self.seed, epoch=self.epoch, train=True)
-        left = lay.batches_per_slot - done
+        prep = partial(prepare, prep=self.prep, seed=self.seed, epoch=self.epoch, train=True)
         pipeline = wds.DataPipeline(
             partial(read_ranges, ranges),  # this slot's samples as raw bytes (webdataset's tar reader)
-            partial(shuffle, bufsize=self.cfg.shuffle_buffer, rng=rng),  # seeded: replays exactly on resume
+            partial(shuffle, bufsize=self.shuffle_buffer, rng=rng),  # seeded: replays exactly on resume
             partial(skip, count=done * lay.batch),  # trained before a resume: dropped before decoding, cheap
             decode_or_substitute,  # an undecodable sample is counted and replaced, never fatal here
-            partial(map, prep),  # image → tensor; one of an image's captions, drawn per epoch
-            partial(batched, size=lay.batch, count=left, collate=self.collate),  # the planned count, no more
+            partial(map, prep),  # the task's preprocessing; one of an image's captions, drawn per epoch
+            partial(batched, size=lay.batch, count=lay.batches_per_slot - done, collate=self.collate),
         )
         return iter(pipeline)
 
@@ -380,7 +228,7 @@ class EvalData(IterableDataset):
         workers: int,
         rank: int,
         batch: int,
-        transform: ImageTransform,
+        prep: Prep,
         collate: Collate,
     ) -> None:
         super().__init__()
@@ -391,7 +239,7 @@ class EvalData(IterableDataset):
             rank,
             batch,
         )
-        self.transform, self.collate = transform, collate
+        self.prep, self.collate = prep, collate
         self.total = sum(n for _, n in shards)
         self.per_slot = -(-self.total // (self.ranks * self.workers))
 
@@ -400,20 +248,15 @@ class EvalData(IterableDataset):
         slot = self.rank * self.workers + (info.id if info is not None else 0)
         start = min(self.total, slot * self.per_slot)
         stop = min(self.total, start + self.per_slot)
-        samples = decode_or_substitute(read_ranges(_cut(self.shards, start, stop)))
+        samples = decode_or_substitute(read_ranges(cut(self.shards, start, stop)))
         samples = (
-            preprocess(s, self.transform, 0, 0, train=False) | {"index": start + i}
-            for i, s in enumerate(samples)
+            prepare(s, self.prep, 0, 0, train=False) | {"index": start + i} for i, s in enumerate(samples)
         )
         padded = _pad(samples, self.per_slot)
-        count = -(-self.per_slot // self.batch)
-        for _ in range(count):
+        for _ in range(-(-self.per_slot // self.batch)):
             chunk = list(itertools.islice(padded, self.batch))
             if chunk:
                 yield self.collate(chunk)
-
-    def batches_per_rank(self) -> int:
-        return self.workers * -(-self.per_slot // self.batch)
 
 
 def _pad(samples: Iterator[dict[str, Any]], length: int) -> Iterator[dict[str, Any]]:
@@ -448,97 +291,52 @@ def loader(dataset: IterableDataset, workers: int, pin: bool) -> DataLoader:
     )
 
 
-def shards_of(
-    manifest: Manifest, split: str, seed: int, epoch: int, shuffle_shards: bool
-) -> list[tuple[str, int]]:
-    record = manifest.split(split)
-    return epoch_shards(record.shards, manifest.root / split, seed, epoch, shuffle_shards)
-
-
 class TrainData:
-    """One rank's view of the data: the epoch plan, the train loader of an epoch, the eval loader."""
+    """One rank's view of the data: the train loader of an epoch, the eval loader, as planned."""
 
     def __init__(
         self,
         cfg: DataConfig,
         manifest: Manifest,
+        layout: Layout,
+        micro_per_epoch: int,
         rank: int,
-        ranks: int,
-        batch: int,
-        accum: int,
         seed: int,
+        prep: Prep,
         collate: Collate,
-        processor: Any,
         pin: bool,
     ) -> None:
-        self.cfg, self.manifest, self.rank, self.ranks, self.seed, self.pin = (
-            cfg,
-            manifest,
-            rank,
-            ranks,
-            seed,
-            pin,
-        )
-        self.collate = collate
-        train = manifest.split(cfg.train_split)
-        manifest.split(cfg.eval_split)  # a missing eval split is an error now, not after an epoch
-        self.layout = train_layout(
-            train.num_samples, ranks, cfg.workers, batch, cfg.train_split, manifest.root / "manifest.json"
-        )
-        self.accum = accum
-        self.steps_per_epoch = self.layout.micro_batches // accum
-        if self.steps_per_epoch == 0:
-            raise UserError(
-                f"an epoch gives each rank {self.layout.micro_batches} micro-batches, fewer than train.grad_accum={accum}: "
-                "lower grad_accum or the batch size"
-            )
-        self.image_mean, self.image_std = list(processor.image_mean), list(processor.image_std)
-        self.train_transform = ImageTransform.of(processor, cfg, train=True)
-        self.eval_transform = ImageTransform.of(processor, cfg, train=False)
+        self.cfg, self.manifest, self.layout, self.micro_per_epoch = cfg, manifest, layout, micro_per_epoch
+        self.rank, self.seed, self.prep, self.collate, self.pin = rank, seed, prep, collate, pin
 
     @classmethod
     def of(
-        cls, cfg: Any, manifest: Manifest, info: Any, collate: Collate, processor: Any, device: str
+        cls, cfg: DataConfig, manifest: Manifest, plan: Plan, rank: int, seed: int, task: Task, device: str
     ) -> TrainData:
-        """From a TrainConfig and the launch (DistInfo)."""
-        t = cfg.train
-        return cls(
-            cfg.data,
-            manifest,
-            info.rank,
-            info.world_size,
-            t.batch_size,
-            t.grad_accum,
-            cfg.run.seed,
-            collate,
-            processor,
-            device.startswith("cuda"),
-        )
-
-    @property
-    def micro_per_epoch(self) -> int:
-        return self.steps_per_epoch * self.accum
+        """Rank `rank`'s data as `plan` lays it out, preprocessed and batched by `task`."""
+        pin = device.startswith("cuda")
+        return cls(cfg, manifest, plan.layout, plan.micro_per_epoch, rank, seed, task.prep, task.collate, pin)
 
     def epoch(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
         """The micro-batches of `epoch` from number `start` on (those before were trained already)."""
-        shards = shards_of(self.manifest, self.cfg.train_split, self.seed, epoch, self.cfg.shuffle_shards)
+        shards = split_shards(self.manifest, self.cfg.train_split, self.seed, epoch, self.cfg.shuffle_shards)
         dataset = TrainEpoch(
             shards,
             self.layout,
             self.rank,
             epoch,
             start,
-            self.cfg,
+            self.cfg.shuffle_buffer,
             self.seed,
-            self.train_transform,
+            self.prep,
             self.collate,
         )
         batches = iter(loader(dataset, self.cfg.workers, self.pin))
         return itertools.islice(batches, max(0, self.micro_per_epoch - start))
 
     def eval_loader(self, batch: int) -> DataLoader:
-        shards = shards_of(self.manifest, self.cfg.eval_split, 0, 0, shuffle_shards=False)
+        shards = split_shards(self.manifest, self.cfg.eval_split)
         dataset = EvalData(
-            shards, self.ranks, self.cfg.workers, self.rank, batch, self.eval_transform, self.collate
+            shards, self.layout.ranks, self.cfg.workers, self.rank, batch, self.prep, self.collate
         )
         return loader(dataset, self.cfg.workers, self.pin)

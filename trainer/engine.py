@@ -1,5 +1,6 @@
-"""The one module that imports DeepSpeed: the ds config from TrainConfig, freezing, the optimizer and
-LR schedule, `deepspeed.initialize`, teardown, and consolidating ZeRO checkpoints to fp32.
+"""The one module that imports DeepSpeed: the ds config from TrainConfig, the optimizer and LR
+schedule, `deepspeed.initialize`, what the loop may call on the engine (`Engine`), teardown, and the
+model's full fp32 weights: consolidated from a checkpoint of any ZeRO stage, or gathered live.
 
 Version facts worked around here (../shared/notes/stack-on-cpu.md): no `zero.Init` (it corrupts
 `from_pretrained` on CPU + gloo: every rank builds the whole model and `initialize` partitions it);
@@ -14,20 +15,26 @@ import gc
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from plumbing.config import require
 from plumbing.errors import UserError
-from trainer.model import CLIPFineTuner, ModelConfig
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # explicit: DeepSpeed would guess it with a warning
-import deepspeed  # noqa: E402  (must follow DS_ACCELERATOR)
+
+def _deepspeed() -> Any:
+    """DeepSpeed, imported when first needed (configs and `--check` do without its seconds of import),
+    told its accelerator first: without CUDA it would guess the CPU, with a warning."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
 
 log = logging.getLogger("trainer.engine")
 
@@ -166,38 +173,6 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def freeze(model: CLIPFineTuner, cfg: ModelConfig) -> None:
-    """Freeze whole towers, or all but their last N layers (the final norm and projection train)."""
-    clip = model.clip
-    towers = [
-        (
-            cfg.freeze_vision,
-            cfg.vision_trainable_layers,
-            clip.vision_model,
-            clip.vision_model.post_layernorm,
-            clip.visual_projection,
-        ),
-        (
-            cfg.freeze_text,
-            cfg.text_trainable_layers,
-            clip.text_model,
-            clip.text_model.final_layer_norm,
-            clip.text_projection,
-        ),
-    ]
-    for frozen, last_n, tower, final_norm, projection in towers:
-        if frozen:
-            tower.requires_grad_(False)
-            projection.requires_grad_(False)
-        elif last_n >= 0:
-            tower.requires_grad_(False)
-            layers = tower.encoder.layers
-            for layer in layers[len(layers) - last_n :] if last_n else []:
-                layer.requires_grad_(True)
-            final_norm.requires_grad_(True)
-    clip.logit_scale.requires_grad_(False)  # ours is model.logit_scale
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no decay for biases, norm gains and the temperature (all < 2-D; open_clip's rule)."""
     decay, no_decay = [], []
@@ -223,17 +198,39 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return factor
 
 
+class Engine(Protocol):
+    """What the harness uses of a DeepSpeed engine (deepspeed.runtime.engine.DeepSpeedEngine)."""
+
+    module: torch.nn.Module
+    training: bool
+    global_steps: int
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def backward(self, loss: torch.Tensor) -> Any: ...
+    def step(self) -> None: ...
+    def is_gradient_accumulation_boundary(self) -> bool: ...
+    def get_lr(self) -> list[float]: ...
+    def get_global_grad_norm(self) -> float | torch.Tensor | None: ...
+    def train(self, mode: bool = True) -> Any: ...
+    def eval(self) -> Any: ...
+    def save_checkpoint(
+        self, save_dir: str, tag: str, client_state: dict[str, Any], save_latest: bool
+    ) -> Any: ...
+    def load_checkpoint(self, load_dir: str, tag: str, **kwargs: Any) -> tuple[str | None, Any]: ...
+    def destroy(self) -> None: ...
+
+
 def build_engine(
-    model: CLIPFineTuner,
-    model_cfg: ModelConfig,
+    model: torch.nn.Module,
     ds: DeepSpeedConfig,
     optim: OptimConfig,
     sizes: BatchSizes,
     total_steps: int,
-    on_cuda: bool,
-) -> Any:
-    """Freeze → optimizer groups → ds config → deepspeed.initialize (ZeRO partitioning happens there)."""
-    freeze(model, model_cfg)
+    device: str,
+) -> Engine:
+    """Optimizer groups → ds config → deepspeed.initialize (ZeRO partitioning happens there). What
+    must not train is frozen already (the task's `build`)."""
+    on_cuda = device.startswith("cuda")
     groups = param_groups(model, optim.weight_decay)
     config = ds_config(ds, optim, sizes, on_cuda)
     optimizer = None
@@ -243,7 +240,7 @@ def build_engine(
             groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None
         )
     schedule = lr_lambda(optim.warmup_steps, total_steps, optim.min_lr_ratio)
-    engine, _, _, _ = deepspeed.initialize(
+    engine, _, _, _ = _deepspeed().initialize(
         model=model,
         optimizer=optimizer,
         model_parameters=groups if optimizer is None else None,
@@ -258,11 +255,11 @@ def build_engine(
     return engine
 
 
-def save_checkpoint(engine: Any, root: Path, tag: str, client_state: dict[str, Any]) -> None:
+def save_checkpoint(engine: Engine, root: Path, tag: str, client_state: dict[str, Any]) -> None:
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
 
 
-def load_checkpoint(engine: Any, root: Path, tag: str) -> None:
+def load_checkpoint(engine: Engine, root: Path, tag: str) -> None:
     path, _ = engine.load_checkpoint(
         str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -281,6 +278,7 @@ def consolidated_state_dict(
 
 
 def _consolidate(checkpoint: Path, groups: list[list[str]] | None) -> dict[str, torch.Tensor]:
+    _deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # ZeRO 1-3 (bf16 too) keep the fp32 master weights in per-rank partitions: reassemble them.
@@ -304,7 +302,32 @@ def _consolidate(checkpoint: Path, groups: list[list[str]] | None) -> dict[str, 
     return state
 
 
-def teardown(engine: Any) -> None:
+def live_weights(engine: Engine) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full fp32 tensor on the CPU) of every parameter of the live engine: DeepSpeed's fp32
+    masters, gathered from the ranks' partitions under ZeRO 1–3 (a collective: every rank iterates),
+    or kept whole beside the bf16/fp16 weights under ZeRO-0 (its unfused optimizer's fp32_groups)."""
+    deepspeed = _deepspeed()
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    optimizer = getattr(engine, "optimizer", None)
+    masters = {
+        id(low): high
+        for lows, highs in zip(getattr(optimizer, "fp16_groups", []), getattr(optimizer, "fp32_groups", []))
+        if isinstance(lows, list) and isinstance(highs, list)
+        for low, high in zip(lows, highs)
+        if low.shape == high.shape
+    }
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None and hasattr(p, "ds_id"):  # ZeRO-3, frozen: gather the partitions to read them
+            with deepspeed.zero.GatheredParameters([p]):
+                full = p.data.detach().clone()
+        if full is None:
+            full = masters.get(id(p), p.data)
+        yield name, full.detach().float().cpu()
+
+
+def teardown(engine: Engine | None) -> None:
     """Destroy the engine before the process group: without it ~20 % of gloo runs abort at exit."""
     if engine is not None:
         engine.destroy()

@@ -1,10 +1,11 @@
-"""`python -m trainer.export --checkpoint DIR --out DIR`: any ZeRO stage → fp32 Hugging Face folders.
+"""`python -m trainer.export --checkpoint DIR --out DIR`: any ZeRO stage → the task's export folder.
 
-The export holds: a CLIPModel folder (config, model.safetensors, tokenizer, preprocessor_config.json)
-that `transformers.CLIPModel.from_pretrained` loads as it is; `text_encoder/` and `tokenizer/` that
-`CLIPTextModel` / `CLIPTokenizer.from_pretrained` (and the sampler) load; `heads.safetensors` +
-`finetuner.json` for `CLIPFineTuner.from_pretrained`; `config.yaml` (the run's resolved config) and
-`export.json` (provenance and a content hash). No pickle anywhere.
+A CLIP run's export holds: a CLIPModel folder (config, model.safetensors, tokenizer,
+preprocessor_config.json) that `transformers.CLIPModel.from_pretrained` loads as it is; `text_encoder/`
+and `tokenizer/` that `CLIPTextModel` / `CLIPTokenizer.from_pretrained` (and the sampler) load;
+`heads.safetensors` + `finetuner.json` for `core.clip.CLIPFineTuner.from_pretrained`. Every export also
+has `config.yaml` (the run's resolved config) and `export.json` (provenance and a content hash). No
+pickle anywhere. At the end of a run the export is also compared with the live engine's parameters.
 """
 
 from __future__ import annotations
@@ -15,55 +16,64 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from plumbing.config import config_from_dict
+from plumbing.dist import DistInfo
 from plumbing.errors import UserError, run_cli
 from plumbing.files import atomic_write_json, atomic_write_text, read_json, tree_digest
 from plumbing.logs import setup_logging
+from trainer.checkpoint import STATE, extra_states
+from trainer.engine import Engine, consolidated_state_dict, live_weights
+from trainer.tasks import Task
 
 log = logging.getLogger("trainer.export")
 
 
-def export(checkpoint: Path | None, out: Path, overwrite: bool = False) -> Path:
+def export(checkpoint: Path | None, out: Path, task: Task, overwrite: bool = True) -> Path:
     """Consolidate `checkpoint` into `out` (written beside it, then renamed into place)."""
-    from trainer.checkpoint import STATE
-    from trainer.config import TrainConfig
-    from trainer.engine import consolidated_state_dict
-    from trainer.model import build_finetuner, load_processors
-
     if checkpoint is None or not (checkpoint / STATE).is_file():
         raise UserError(f"{checkpoint}: not a complete trainer checkpoint (no {STATE})")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
     payload = read_json(checkpoint / STATE)
-    cfg = config_from_dict(TrainConfig, payload["config"], str(checkpoint / STATE))
-    source = str(Path(cfg.run.dir) / "base-model") if cfg.model.preset == "tiny" else cfg.model.name
-    model = build_finetuner(cfg.model, source)
-    state = consolidated_state_dict(checkpoint, payload.get("param_groups"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "clip.logit_scale"]  # frozen, 0-dim, set from ours on save
-    if missing or unexpected:
-        raise UserError(
-            f"{checkpoint}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    tokenizer, processor = load_processors(source)
-
+    weights = consolidated_state_dict(checkpoint, payload.get("param_groups"))
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, tokenizer, processor)
+    staging.mkdir(parents=True)
+    try:
+        task.export(weights, extra_states(checkpoint), staging)
+    except UserError as err:
+        raise UserError(f"{checkpoint}: {err}") from None
     atomic_write_text(staging / "config.yaml", yaml.safe_dump(payload["config"], sort_keys=False))
     info: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         **{k: payload["state"][k] for k in ("epoch", "step", "samples_seen")},
+        "content_sha256": tree_digest(staging, "**/*.safetensors"),
     }
-    info["content_sha256"] = tree_digest(staging, "**/*.safetensors")
     atomic_write_json(staging / "export.json", info)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
     log.info("exported %s → %s", checkpoint, out)
     return out
+
+
+def verify_export(engine: Engine, task: Task, out: Path, is_main: bool) -> None:
+    """The export, read back, equals the live engine's fp32 parameters gathered at the end of training
+    (every rank gathers; rank 0 compares). A difference is a bug in consolidation: the run fails."""
+    live = dict(live_weights(engine))
+    if not is_main:
+        return
+    want, got = task.expected_export(live), task.exported(out)
+    missing = sorted(set(want) - set(got))
+    differ = [k for k in want if k in got and not torch.equal(want[k], got[k].detach().float().cpu())]
+    if missing or differ:
+        raise RuntimeError(
+            f"{out} differs from the trained model: missing {missing[:3]}, different {differ[:3]}"
+        )
+    log.info("export verified: its %d tensors equal the live engine's", len(want))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> int:
+        from trainer.config import TrainConfig
+        from trainer.run import RunFolder
+        from trainer.tasks import make_task
+
         setup_logging()
-        export(args.checkpoint, args.out, args.overwrite)
+        if not (args.checkpoint / STATE).is_file():
+            raise UserError(f"{args.checkpoint}: not a complete trainer checkpoint (no {STATE})")
+        cfg = config_from_dict(
+            TrainConfig, read_json(args.checkpoint / STATE)["config"], str(args.checkpoint / STATE)
+        )
+        # The checkpoint's own run folder (<run>/checkpoints/<tag>), wherever the run was moved to.
+        task = make_task(
+            cfg, RunFolder(args.checkpoint.resolve().parent.parent), DistInfo.from_env({}), "cpu"
+        )
+        export(args.checkpoint, args.out, task, args.overwrite)
         print(f"exported {args.checkpoint} → {args.out}")
         return 0
 

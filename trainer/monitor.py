@@ -1,7 +1,9 @@
 """What a user watches: TensorBoard scalars (rank 0 writes), a rank-0 progress bar, log lines.
 
-Tags: train/{loss,lr,grad_norm,temperature}, perf/{samples_per_s,step_time_s,data_wait_fraction,
-peak_memory_mb}, data/{skipped_samples,nonfinite_steps}, eval/<metric>, and the hparams table.
+Tags: train/{loss,lr,grad_norm} and the task's own (train/temperature), perf/{samples_per_s,
+step_time_s,data_wait_fraction,peak_memory_mb}, data/{skipped_samples,nonfinite_steps}, eval/<metric>,
+the task's evaluation images, and the hparams table. Values that live on the device (the loss, the
+task's scalars) stay there until a log step reads them: reading one is a stream synchronisation.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from plumbing.logs import progress
+from trainer.tasks import Evaluation
 
 log = logging.getLogger("trainer")
 
@@ -29,16 +32,35 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+Scalar = float | torch.Tensor
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, as the loop saw it."""
+
+    step: int
+    loss: Scalar  # the mean of the step's micro-batch losses (detached)
+    samples: int  # over all ranks
+    step_time: float
+    data_time: float  # of step_time, spent waiting for the loader
+    lr: float
+    grad_norm: Scalar | None
+    scalars: dict[str, Scalar] = field(default_factory=dict)  # the task's, e.g. train/temperature
+    skipped: int = 0
+    nonfinite: int = 0
+
+
 @dataclass
 class Window:
     """Sums over the steps since the last log line."""
 
     steps: int = 0
-    loss: float = 0.0
+    loss: Scalar = 0.0
     step_time: float = 0.0
     data_time: float = 0.0
     samples: int = 0
-    grad_norm: list[float] = field(default_factory=list)
+    grad_norm: list[Scalar] = field(default_factory=list)
 
 
 class Monitor:
@@ -64,87 +86,67 @@ class Monitor:
                 if value is not None and math.isfinite(value):
                     self.writer.add_scalar(tag, value, step)
 
-    def step(
-        self,
-        step: int,
-        loss: float,
-        samples: int,
-        step_time: float,
-        data_time: float,
-        lr: float,
-        grad_norm: float | None,
-        temperature: float,
-        skipped: int,
-        nonfinite: int,
-    ) -> None:
+    def step(self, stats: StepStats) -> None:
         w = self.window
         w.steps += 1
-        w.loss += loss
-        w.step_time += step_time
-        w.data_time += data_time
-        w.samples += samples
-        if grad_norm is not None:
-            w.grad_norm.append(grad_norm)
+        w.loss = w.loss + stats.loss  # on the device until the log step
+        w.step_time += stats.step_time
+        w.data_time += stats.data_time
+        w.samples += stats.samples
+        if stats.grad_norm is not None:
+            w.grad_norm.append(stats.grad_norm)
         self.bar.update(1)
-        if step % self.log_every:
+        if stats.step % self.log_every:
             return
         rate = w.samples / max(w.step_time, 1e-9)
         values = {
-            "train/loss": w.loss / w.steps,
-            "train/lr": lr,
-            "train/temperature": temperature,
+            "train/loss": float(w.loss) / w.steps,
+            "train/lr": stats.lr,
+            **{tag: float(v) for tag, v in stats.scalars.items()},
             "perf/samples_per_s": rate,
             "perf/step_time_s": w.step_time / w.steps,
             "perf/data_wait_fraction": w.data_time / max(w.step_time, 1e-9),
             "perf/peak_memory_mb": peak_memory_mb(self.device),
-            "data/skipped_samples": skipped,
-            "data/nonfinite_steps": nonfinite,
+            "data/skipped_samples": stats.skipped,
+            "data/nonfinite_steps": stats.nonfinite,
         }
         if w.grad_norm:
-            values["train/grad_norm"] = sum(w.grad_norm) / len(w.grad_norm)
-        self.scalars(step, values)
+            values["train/grad_norm"] = sum(float(g) for g in w.grad_norm) / len(w.grad_norm)
+        self.scalars(stats.step, values)
         self.bar.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{rate:.0f}", refresh=False)
         if self.enabled:
             log.info(
                 "step %d loss %.4f lr %.2e %.0f samples/s data-wait %.0f%%",
-                step,
+                stats.step,
                 values["train/loss"],
-                lr,
+                stats.lr,
                 rate,
                 100 * values["perf/data_wait_fraction"],
             )
         self.window = Window()
 
-    def images(
-        self,
-        step: int,
-        batch: torch.Tensor,
-        mean: list[float],
-        std: list[float],
-        tag: str = "data/train_images",
-    ) -> None:
-        """A grid of (up to 16) model inputs, un-normalised: what the model sees after preprocessing."""
+    def images(self, step: int, pictures: torch.Tensor, tag: str = "data/train_images") -> None:
+        """A grid of (up to 16) NCHW pictures in [0, 1]: what the model sees, or what it drew."""
         if self.writer is None:
             return
         from torchvision.utils import make_grid
 
-        shown = batch[:16].float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(
-            1, 3, 1, 1
-        )
-        self.writer.add_image(tag, make_grid(shown.clamp(0, 1), nrow=4), step)
+        self.writer.add_image(tag, make_grid(pictures[:16].float().cpu().clamp(0, 1), nrow=4), step)
 
-    def evaluation(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+    def evaluation(self, step: int, epoch: int, result: Evaluation) -> None:
         """TensorBoard, the log, and one JSON line in <run>/eval.jsonl (python -m trainer.report)."""
+        metrics = result.metrics
         self.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        for tag, pictures in result.images.items():
+            self.images(step, pictures, tag)
         self.last_eval = metrics
         if self.enabled:
             with open(self.eval_log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "epoch": epoch, **metrics}) + "\n")
         shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("samples", "images"))
         if self.enabled:
-            self.bar.write(
-                f"eval after epoch {epoch} (step {step}): {shown}"
-            ) if not self.bar.disable else log.info("eval after epoch %d (step %d): %s", epoch, step, shown)
+            line = f"eval after epoch {epoch} (step {step}): {shown}"
+            self.bar.write(line) if not self.bar.disable else log.info(line)
 
     def hparams(self, params: dict[str, Any]) -> None:
         """TensorBoard's HParams table: the run's main settings against its last evaluation."""

@@ -1,7 +1,8 @@
-"""manifest.json: the contract between data_prep and the trainer. The trainer reads only this file.
+"""manifest.json: the contract between data_prep (which writes it) and every stage that reads shards.
 
 A manifest lists, per split, every shard with its sample count, size and sha256, so a reader can
-check the data before training and knows every epoch's length without opening a tar.
+check the data before training and knows every epoch's length without opening a tar. Its
+`format_version` is checked on load: a manifest from an older or newer data_prep is one line.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def load_manifest(path: Path) -> Manifest:
     """Parse `path` (the manifest file or its folder); a malformed one is a one-line error."""
     file = path / MANIFEST if path.is_dir() else path
     raw = read_json(file)
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"{file}: manifest format_version {version!r}, this harness reads {FORMAT_VERSION}: "
+            "rerun data_prep to rewrite it (the shards it keeps are reused)"
+        )
     try:
         splits = {
             name: SplitRecord([ShardRecord(**s) for s in split["shards"]], list(split.get("rejected", [])))

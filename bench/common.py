@@ -1,0 +1,108 @@
+"""What every benchmark shares: targets judged met or missed, and a results file the script writes
+itself (machine, versions, date, the command), never pasted by hand."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PACKAGES = ("torch", "deepspeed", "transformers", "diffusers", "webdataset")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A ratio and the bound it must reach: `at_least` (a speed-up) or at most (an overhead)."""
+
+    name: str
+    ratio: float
+    bound: float
+    at_least: bool = True
+
+    @property
+    def met(self) -> bool:
+        return self.ratio >= self.bound if self.at_least else self.ratio <= self.bound
+
+    def line(self) -> str:
+        sign = ">=" if self.at_least else "<="
+        return f"  {self.name:44s} {self.ratio:7.3f}   target {sign} {self.bound:<5g} {'met' if self.met else 'MISSED'}"
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+            info["gpu_count"] = torch.cuda.device_count()
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def slug(text: str) -> str:
+    return "".join(c.lower() if c.isalnum() else "-" for c in text).strip("-").replace("--", "-")
+
+
+def write_results(
+    name: str, results: dict[str, Any], targets: list[Target], text: str, out: str = ""
+) -> Path:
+    """bench/results/<name>.json (or `out`): the results with their provenance, and the printed table."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    payload = {
+        "benchmark": name,
+        "date": now.isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", *_argv()]),
+        "machine": machine(),
+        "versions": versions(),
+        "targets": [
+            {"name": t.name, "ratio": t.ratio, "bound": t.bound, "at_least": t.at_least, "met": t.met}
+            for t in targets
+        ],
+        "results": results,
+        "table": text.splitlines(),
+    }
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def _argv() -> list[str]:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return [spec.name if spec else sys.argv[0], *sys.argv[1:]]

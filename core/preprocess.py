@@ -1,0 +1,109 @@
+"""CLIP's preprocessing, done once for every stage: images as CLIPImageProcessor prepares them (in
+PIL, then normalised a batch at a time) and captions tokenised as the model was trained on them."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """CLIP preprocessing with the model's own processor values, done in PIL as CLIPImageProcessor does
+    it: the short side resized (bicubic) to `size`, then a centre crop; for training optionally a
+    random resized crop (torchvision's recipe) and horizontal flips, drawn from the sample's own
+    generator. Gives uint8 CHW: Collate normalises whole batches at once (per image it cost more than
+    the resize)."""
+
+    size: int
+    crop: tuple[int, int]  # height, width
+    random_crop: bool = False
+    scale_min: float = 0.8
+    hflip: bool = False
+
+    @classmethod
+    def of(
+        cls, processor: Any, random_crop: bool = False, scale_min: float = 0.8, hflip: bool = False
+    ) -> ImageTransform:
+        """From a CLIPImageProcessor; the defaults are the evaluation transform."""
+        size = processor.size.get("shortest_edge") or min(processor.size.values())
+        crop = (processor.crop_size["height"], processor.crop_size["width"])
+        return cls(size, crop, random_crop, scale_min, hflip)
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        ch, cw = self.crop
+        if self.random_crop:
+            image = image.resize((cw, ch), Image.Resampling.BICUBIC, box=self._random_box(image.size, rng))
+        else:
+            w, h = image.size
+            scale = self.size / min(w, h)
+            w, h = max(cw, round(w * scale)), max(ch, round(h * scale))
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+            left, top = round((w - cw) / 2), round((h - ch) / 2)
+            image = image.crop((left, top, left + cw, top + ch))
+        if self.hflip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+    def _random_box(self, size: tuple[int, int], rng: random.Random) -> tuple[int, int, int, int]:
+        """torchvision's RandomResizedCrop box: area fraction in [scale_min, 1], aspect in [3/4, 4/3]."""
+        w, h = size
+        for _ in range(10):
+            area = w * h * rng.uniform(self.scale_min, 1.0)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+                return left, top, left + cw, top + ch
+        side = min(w, h)
+        return (w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side
+
+
+class Collate:
+    """Stacks and normalises images (the processor's mean and std) and tokenises texts with the
+    model's tokenizer, once per batch. Captions are padded to the batch's longest (`trim`, the
+    default): CLIP's text tower is causal and pools at the end-of-text token, so padding after it
+    changes nothing but the work (tests/test_core.py checks the embeddings are equal)."""
+
+    def __init__(
+        self, tokenizer: Any, max_length: int, with_text: bool, processor: Any, trim: bool = True
+    ) -> None:
+        self.tokenizer, self.max_length, self.with_text, self.trim = tokenizer, max_length, with_text, trim
+        self.mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {
+            "pixel_values": self.normalise(torch.stack([s["pixel_values"] for s in samples])),
+            "keys": [s["key"] for s in samples],
+            "skipped": sum(s.get("skipped", 0) for s in samples),
+            "valid": torch.tensor([s.get("valid", True) and not s.get("substitute", False) for s in samples]),
+            "index": torch.tensor([s.get("index", -1) for s in samples]),
+        }
+        if "label" in samples[0]:
+            batch["labels"] = torch.tensor([s["label"] for s in samples])
+        if self.with_text:
+            tokens = self.tokenize([s["text"] for s in samples])
+            batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+        if "captions" in samples[0]:
+            batch["captions"] = [s["captions"] for s in samples]
+        return batch
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW → float, with the processor's mean and std."""
+        return pixels.float().sub_(self.mean).div_(self.std)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            texts,
+            padding="longest" if self.trim else "max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )

@@ -1,0 +1,357 @@
+"""The CLIP tasks: fine-tune a CLIPFineTuner (core.clip) by classification through class prompts
+(CIFAR-10) or by contrastive image–caption matching over the global batch (Flickr8k).
+
+Each builds the model from `model.name` (a hub id or folder) or a preset built into the run folder,
+preprocesses as CLIP does (core.preprocess), evaluates (top-1/top-5 through the prompts; Recall@k both
+ways) and exports HF folders that `transformers.CLIPModel.from_pretrained` and
+`CLIPFineTuner.from_pretrained` load.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from core.clip import CLIPFineTuner, HeadSpec, load_clip, load_processors, text_length
+from core.manifest import Manifest
+from core.preprocess import Collate, ImageTransform
+from core.presets import CLIP_PRESETS, TinyConfig, build_clip, is_built
+from plumbing.config import require
+from plumbing.dist import DistInfo, all_max, all_sum, barrier, gather_rows, gather_with_grad
+from plumbing.errors import UserError
+from trainer.data import pick_caption
+from trainer.tasks import Batch, Evaluation
+
+log = logging.getLogger("trainer.clip")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "openai/clip-vit-base-patch32"
+    """HF hub id or local folder of a CLIPModel with its tokenizer and image processor."""
+    preset: str = ""
+    """Build a random-init CLIP into <run.dir>/base-model and load it from there (offline): "tiny" (shaped by model.tiny), "vit-b-32" or "vit-l-14" (OpenAI's shapes)."""
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    head: str = "linear"
+    """Projection heads: "linear" or "mlp" (residual, hidden size head_hidden)."""
+    head_dim: int = 0
+    """Output size of both heads; 0 keeps CLIP's projection_dim (the heads then start as the identity)."""
+    head_hidden: int = 0
+    """Hidden size of the MLP heads; 0 uses the input size."""
+    freeze_vision: bool = False
+    """Freeze the whole vision tower (embeddings, layers, visual projection)."""
+    freeze_text: bool = False
+    """Freeze the whole text tower (embeddings, layers, text projection)."""
+    vision_trainable_layers: int = -1
+    """Train only the last N vision layers (plus final norm and projection); -1 trains all."""
+    text_trainable_layers: int = -1
+    """Train only the last N text layers (plus final norm and projection); -1 trains all."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30 % more compute)."""
+
+    def __post_init__(self) -> None:
+        require(self.preset in ("", *CLIP_PRESETS), self, "preset", '"" or ' + ", ".join(CLIP_PRESETS))
+        require(self.head in ("linear", "mlp"), self, "head", '"linear" or "mlp"')
+        require(self.head_dim >= 0 and self.head_hidden >= 0, self, "head_dim", "sizes >= 0")
+        require(
+            self.vision_trainable_layers >= -1, self, "vision_trainable_layers", "-1 (all) or a count >= 0"
+        )
+        require(self.text_trainable_layers >= -1, self, "text_trainable_layers", "-1 (all) or a count >= 0")
+
+
+def build_finetuner(cfg: ModelConfig, source: str) -> CLIPFineTuner:
+    clip = load_clip(source)
+    if cfg.gradient_checkpointing:
+        clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    in_dim = clip.config.projection_dim
+    return CLIPFineTuner(clip, HeadSpec(cfg.head, in_dim, cfg.head_dim or in_dim, cfg.head_hidden))
+
+
+def freeze(model: CLIPFineTuner, cfg: ModelConfig) -> None:
+    """Freeze whole towers, or all but their last N layers (the final norm and projection train)."""
+    clip = model.clip
+    towers = [
+        (
+            cfg.freeze_vision,
+            cfg.vision_trainable_layers,
+            clip.vision_model,
+            clip.vision_model.post_layernorm,
+            clip.visual_projection,
+        ),
+        (
+            cfg.freeze_text,
+            cfg.text_trainable_layers,
+            clip.text_model,
+            clip.text_model.final_layer_norm,
+            clip.text_projection,
+        ),
+    ]
+    for frozen, last_n, tower, final_norm, projection in towers:
+        if frozen:
+            tower.requires_grad_(False)
+            projection.requires_grad_(False)
+        elif last_n >= 0:
+            tower.requires_grad_(False)
+            layers = tower.encoder.layers
+            for layer in layers[len(layers) - last_n :] if last_n else []:
+                layer.requires_grad_(True)
+            final_norm.requires_grad_(True)
+    clip.logit_scale.requires_grad_(False)  # ours is model.logit_scale
+
+
+def model_source(cfg: ModelConfig, base_model: Path, info: DistInfo) -> str:
+    """Where to `from_pretrained` from: a preset is built once (rank 0) into the run folder."""
+    if not cfg.preset:
+        return cfg.name
+    if info.is_main and not is_built(base_model, cfg.preset, cfg.tiny):
+        build_clip(base_model, cfg.preset, cfg.tiny)
+    barrier()
+    return str(base_model)
+
+
+# --------------------------------------------------------------------------- losses and metrics (pure)
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch: image i matches text i (CLIP, Radford et al. 2021)."""
+    image, text = gather_with_grad(image), gather_with_grad(text)
+    logits = scale * image @ text.t()
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def classification_logits(
+    image: torch.Tensor, class_text: torch.Tensor, scale: torch.Tensor, templates: int
+) -> torch.Tensor:
+    """Scaled similarity of each image to each class: the mean over templates of the class prompts'
+    embeddings, renormalised (CLIP's zero-shot prompt ensembling)."""
+    classes = class_text.view(-1, templates, class_text.shape[-1]).mean(dim=1)
+    return scale * image @ F.normalize(classes, dim=-1).t()
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int]) -> dict[int, int]:
+    """How many rows have their label among the k highest logits."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
+
+
+def retrieval_recall(
+    image: torch.Tensor, text: torch.Tensor, text_image: torch.Tensor, ks: Iterable[int]
+) -> dict[str, float]:
+    """Recall@k both ways. `text_image[j]` is the image row that caption j belongs to.
+
+    image→text: an image query hits when any of its captions ranks in the top k;
+    text→image: a caption query hits when its image ranks in the top k.
+    """
+    sim = image @ text.t()  # images × captions
+    out: dict[str, float] = {}
+    owner = text_image[None, :] == torch.arange(image.shape[0], device=image.device)[:, None]
+    # stable: equal scores (identical captions) rank in dataset order, reproducibly
+    order_t = sim.argsort(dim=1, descending=True, stable=True)
+    order_i = sim.t().argsort(dim=1, descending=True, stable=True)
+    for k in ks:
+        out[f"i2t_R@{k}"] = float(torch.gather(owner, 1, order_t[:, :k]).any(dim=1).float().mean())
+        out[f"t2i_R@{k}"] = float((order_i[:, :k] == text_image[:, None]).any(dim=1).float().mean())
+    return out
+
+
+# --------------------------------------------------------------------------- the tasks
+
+
+class ClipPrep:
+    """A decoded sample → uint8 pixels (CLIP's transform; the train one may crop and flip at random,
+    drawn from the sample's seed) and one of its captions."""
+
+    def __init__(self, train: ImageTransform, evaluation: ImageTransform) -> None:
+        self.train, self.evaluation = train, evaluation
+
+    def __call__(self, sample: dict[str, Any], draw: int, train: bool) -> dict[str, Any]:
+        transform = self.train if train else self.evaluation
+        sample["pixel_values"] = transform(sample.pop("image"), random.Random(draw))
+        return pick_caption(sample, draw, train)
+
+
+class ClipTask:
+    """What the two CLIP objectives share: the model, its preprocessing, its export."""
+
+    with_text = True
+
+    def __init__(self, cfg: Any, run: Any, info: DistInfo, device: str) -> None:
+        self.cfg, self.model_cfg, self.device = cfg, cfg.model, device
+        self.source = model_source(cfg.model, run.base_model, info)
+        self.tokenizer, self.processor = load_processors(self.source)
+        self.max_length = text_length(self.source)
+        self.collate = Collate(self.tokenizer, self.max_length, self.with_text, self.processor)
+        d = cfg.data
+        self.prep = ClipPrep(
+            ImageTransform.of(self.processor, d.random_crop, d.crop_scale_min, d.hflip),
+            ImageTransform.of(self.processor),
+        )
+        self.dtype = torch.float32
+
+    def build(self) -> torch.nn.Module:
+        model = build_finetuner(self.model_cfg, self.source)
+        freeze(model, self.model_cfg)
+        return model
+
+    def encode(
+        self, engine: Any, batch: Batch
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """The engine's embeddings (float32) of whatever the batch holds."""
+        self.dtype = next(engine.module.parameters()).dtype
+        pixels = batch.get("pixel_values")
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        image, text, scale = engine(
+            pixel_values=None if pixels is None else pixels.to(self.device, self.dtype, non_blocking=True),
+            input_ids=None if ids is None else ids.to(self.device, non_blocking=True),
+            attention_mask=None if mask is None else mask.to(self.device, non_blocking=True),
+        )
+        return (
+            None if image is None else image.float(),
+            None if text is None else text.float(),
+            scale.float(),
+        )
+
+    def after_step(self, engine: Any) -> None:
+        pass
+
+    def shown(self, batch: Batch) -> torch.Tensor:
+        mean = torch.tensor(self.processor.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.processor.image_std).view(1, 3, 1, 1)
+        return (batch["pixel_values"][:16].float().cpu() * std + mean).clamp(0, 1)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def export(
+        self, weights: dict[str, torch.Tensor], extra: list[dict[str, torch.Tensor]], out: Path
+    ) -> None:
+        model = build_finetuner(self.model_cfg, self.source)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if k != "clip.logit_scale"]  # frozen, 0-dim, set from ours on save
+        if missing or unexpected:
+            raise UserError(
+                f"the checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        model.save_pretrained(out, self.tokenizer, self.processor)
+
+    def exported(self, out: Path) -> dict[str, torch.Tensor]:
+        return dict(CLIPFineTuner.from_pretrained(out).named_parameters())
+
+    def expected_export(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in live.items() if k != "clip.logit_scale"}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        m = self.model_cfg
+        return {"model": m.preset or m.name, "head": m.head}
+
+    @staticmethod
+    def check(cfg: Any, manifest: Manifest) -> None:
+        pass
+
+
+class ClipContrastive(ClipTask):
+    """Symmetric InfoNCE over the global batch (embeddings gathered across ranks with gradients)."""
+
+    def loss(self, engine: Any, batch: Batch, draw: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image, text, scale = self.encode(engine, batch)
+        assert image is not None and text is not None
+        return contrastive_loss(image, text, scale), {"train/temperature": scale.detach()}
+
+    def evaluate(self, engine: Any, batches: Iterable[Batch], step: int) -> Evaluation:
+        """Recall@k both ways over the whole eval split, each image and caption counted once."""
+        images, texts, owners, valids, indices = [], [], [], [], []
+        for batch in batches:
+            image, _, _ = self.encode(engine, {"pixel_values": batch["pixel_values"]})
+            captions = batch["captions"]
+            per = max(len(c) for c in captions)
+            flat = [c[i] if i < len(c) else c[0] for c in captions for i in range(per)]
+            _, text, _ = self.encode(engine, dict(self.collate.tokenize(flat)))
+            assert image is not None and text is not None
+            has = torch.tensor([[i < len(c) for i in range(per)] for c in captions], device=self.device)
+            images.append(image)
+            texts.append(text.view(len(captions), per, -1))
+            owners.append(has)
+            valids.append(batch["valid"].to(self.device))
+            indices.append(batch["index"].to(self.device))
+        pad = int(all_max([max(t.shape[1] for t in texts)])[0])  # gathering needs equal shapes
+        image = gather_rows(torch.cat(images))
+        text = gather_rows(torch.cat([F.pad(t, (0, 0, 0, pad - t.shape[1])) for t in texts]))
+        has = gather_rows(torch.cat([F.pad(h, (0, pad - h.shape[1])) for h in owners]))
+        valid, index = gather_rows(torch.cat(valids)), gather_rows(torch.cat(indices))
+        # dataset order, however ranks and workers interleaved: ties then break alike everywhere
+        order = index[valid].argsort()
+        image, text, has = image[valid][order], text[valid][order], has[valid][order]
+        text_image = torch.arange(image.shape[0], device=self.device)[:, None].expand_as(has)[has]
+        metrics = retrieval_recall(image, text[has], text_image, self.cfg.eval.recall_at)
+        metrics["images"] = float(image.shape[0])
+        return Evaluation(metrics)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**super().hyperparameters(), "objective": "contrastive"}
+
+
+class ClipClassification(ClipTask):
+    """Cross-entropy over the scaled similarities of each image to every class's prompts."""
+
+    with_text = False
+
+    def __init__(self, cfg: Any, run: Any, info: DistInfo, device: str) -> None:
+        super().__init__(cfg, run, info, device)
+        self.templates = len(cfg.train.class_templates)
+
+    @functools.cached_property
+    def prompts(self) -> dict[str, torch.Tensor]:
+        """Every class name in every template, tokenised (the classes come from the manifest)."""
+        from core.manifest import load_manifest
+
+        classes = load_manifest(Path(self.cfg.data.manifest)).classes
+        texts = [t.format(label=name) for name in classes for t in self.cfg.train.class_templates]
+        return dict(self.collate.tokenize(texts))
+
+    def loss(self, engine: Any, batch: Batch, draw: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image, class_text, scale = self.encode(
+            engine, {"pixel_values": batch["pixel_values"], **self.prompts}
+        )
+        assert image is not None and class_text is not None
+        logits = classification_logits(image, class_text, scale, self.templates)
+        loss = F.cross_entropy(logits, batch["labels"].to(self.device))
+        return loss, {"train/temperature": scale.detach()}
+
+    def evaluate(self, engine: Any, batches: Iterable[Batch], step: int) -> Evaluation:
+        """Top-1 and top-5 accuracy through the class prompts, each eval image counted once."""
+        _, class_text, scale = self.encode(engine, self.prompts)
+        assert class_text is not None
+        correct, count = {1: 0, 5: 0}, 0
+        for batch in batches:
+            image, _, _ = self.encode(engine, {"pixel_values": batch["pixel_values"]})
+            assert image is not None
+            valid = batch["valid"].to(self.device)
+            logits = classification_logits(image, class_text, scale, self.templates)[valid]
+            hits = topk_correct(logits, batch["labels"].to(self.device)[valid], correct)
+            correct = {k: correct[k] + hits[k] for k in correct}
+            count += int(valid.sum())
+        c1, c5, n = all_sum([correct[1], correct[5], count])
+        return Evaluation({"top1": c1 / max(n, 1), "top5": c5 / max(n, 1), "samples": n})
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**super().hyperparameters(), "objective": "classification"}
+
+    @staticmethod
+    def check(cfg: Any, manifest: Manifest) -> None:
+        if not manifest.classes:
+            raise UserError(
+                f"{manifest.root / 'manifest.json'}: train.objective=classification needs class names (a cifar10 manifest)"
+            )
