@@ -16,10 +16,12 @@ drill with the step named and a non-zero exit, never a skipped part:
    `transformers.CLIPModel.from_pretrained`. Reported from the run's own TensorBoard: samples/s,
    model FLOP utilisation against the card's dense bf16 peak, peak memory beside the ZeRO paper's
    model-state estimate ((2+2+K)·Ψ/N bytes, K=12 for Adam, N=1 GPU), and the data-wait fraction.
-3. sampler: `python -m sampler` at Stable Diffusion v1 size (`preset=sd-v1`: U-Net, VAE, ViT-L/14
-   text tower), 512×512, 25 steps, fp16, batch 8 and batch 1, against diffusers'
-   StableDiffusionPipeline on the same folder and settings in this process: images/s and the ratio.
-4. retrieval: `python -m retrieval caption` of the test split with the ViT-B/32 export: images/s.
+3. text-to-image training: `torchrun --nproc-per-node 1 -m trainer` on configs/flickr8k-unet.yaml with
+   random-init Stable Diffusion v1 parts (`diffusion.preset=sd-v1`: U-Net, VAE, ViT-L/14 text tower),
+   512 px, bf16, ZeRO-2, gradient checkpointing, EMA: samples/s, peak memory, data-wait fraction.
+4. sampler: `python -m sampler` on those parts, 512×512, 25 steps, fp16, batch 8 and batch 1, against
+   diffusers' StableDiffusionPipeline on the same folder and settings in this process: images/s, ratio.
+5. retrieval: `python -m retrieval caption` of the test split with the ViT-B/32 export: images/s.
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ class Size:
     side: int  # sampler image side
     sample_steps: int
     prompts: int
+    unet_batch: int  # the U-Net's training batch per GPU
+    unet_steps: int
 
 
-GPU = Size("vit-b-32", 256, 8192, 2048, 256, 200, 20, 8, "sd-v1", 512, 25, 16)
-TINY = Size("tiny", 96, 64, 32, 16, 4, 2, 1, "tiny", 64, 2, 8)
+GPU = Size("vit-b-32", 256, 8192, 2048, 256, 120, 10, 8, "sd-v1", 512, 25, 16, 8, 30)
+TINY = Size("tiny", 96, 64, 32, 16, 4, 2, 1, "tiny", 64, 2, 8, 4, 3)
 
 
 class Drill:
@@ -205,9 +209,52 @@ class Drill:
 
     # ------------------------------------------------------------------ 3. sampler
 
+    def unet(self, manifest: Path) -> dict[str, Any]:
+        """The U-Net training step at the sampler's size: configs/flickr8k-unet.yaml on a random-init
+        preset (bf16, ZeRO-2, gradient checkpointing, EMA), evaluation off."""
+        s = self.size
+        run_dir = self.work / "unet"
+        args = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "1",
+            "-m",
+            "trainer",
+            "--config",
+            "configs/flickr8k-unet.yaml",
+            f"diffusion.preset={s.diffusion}",
+            "diffusion.model=''",
+            "diffusion.text_encoder=''",
+            "diffusion.eval_clip=''",
+            f"data.manifest={manifest}",
+            f"run.dir={run_dir}",
+            f"train.batch_size={s.unet_batch}",
+            f"train.max_steps={s.unet_steps}",
+            "train.epochs=1000",
+            f"data.workers={s.workers}",
+            f"diffusion.resolution={s.side}",
+            "run.log_every=5" if not self.tiny else "run.log_every=1",
+            "eval.at_start=false",
+            "eval.every_epochs=0",
+            "checkpoint.at_epoch_end=false",
+            "checkpoint.every_steps=0",
+        ]
+        if self.tiny:
+            args += ["deepspeed.precision=fp32", "diffusion.gradient_checkpointing=false"]
+        self.run("train-unet", args, 900)
+        scalars = _scalars(run_dir / "tensorboard")
+        return {
+            "samples_per_s": _steady(scalars.get("perf/samples_per_s", {}), s.unet_steps),
+            "data_wait_fraction": _steady(scalars.get("perf/data_wait_fraction", {}), s.unet_steps),
+            "peak_memory_gib": max(scalars.get("perf/peak_memory_mb", {0: 0.0}).values()) / 1024,
+        }
+
     def sampler(self) -> dict[str, Any]:
         s = self.size
-        model = self.work / f"diffusion-{s.diffusion}"
+        model = self.work / "unet" / "base-model"  # the preset the U-Net step built: built once
         out: dict[str, Any] = {}
         for batch in (8, 1):
             prompts = self.work / f"prompts-{batch}.txt"
@@ -368,6 +415,11 @@ def table(results: dict[str, Any], peak: float) -> tuple[str, list[Target]]:
             f"  {results['clip']} {stage:27s} {r['samples_per_s']:10.1f} {r['mfu']:7.1%} {r['peak_memory_gib']:9.2f} "
             f"{r['model_states_gib']:10.2f} {r['data_wait_fraction']:9.0%}"
         )
+    u = results["unet"]
+    lines.append(
+        f"U-Net training step ({results['sampler_size']}, bf16, ZeRO-2, 1 GPU): {u['samples_per_s']:.1f} samples/s, "
+        f"peak {u['peak_memory_gib']:.1f} GiB, data-wait {u['data_wait_fraction']:.0%}"
+    )
     smp = results["sampler"]
     targets = [
         Target(f"sampler / StableDiffusionPipeline, batch {b}", smp[f"ratio_batch{b}"], 0.97) for b in (8, 1)
@@ -418,6 +470,7 @@ def main() -> None:
             "device": device,
             "clip": size.clip,
             "trainer": trainer,
+            "unet": drill.unet(manifest),
             "sampler": drill.sampler(),
             "sampler_size": f"{size.side}×{size.side}",
             "sampler_steps": size.sample_steps,

@@ -31,17 +31,12 @@ from typing import Any
 import torch
 
 from bench.common import Target, machine, slug, write_results
+from bench.harness import QUIET, TrainerLoop
 from plumbing.config import load_config
 from plumbing.dist import DistInfo, init_process_group
 from plumbing.logs import setup_logging
-from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import TrainConfig
-from trainer.data import Layout
-from trainer.engine import BatchSizes, build_engine, lr_lambda, param_groups
-from trainer.evaluate import Evaluator
-from trainer.loop import Loop, Parts
-from trainer.monitor import Monitor
-from trainer.plan import Plan
+from trainer.engine import lr_lambda, param_groups
 from trainer.run import RunFolder
 from trainer.tasks import make_task
 from trainer.tasks.clip import contrastive_loss
@@ -89,39 +84,6 @@ class BareLoop:
             self.opt.zero_grad(set_to_none=True)
 
 
-class InMemory:
-    """The loop's data source, serving the same batches every epoch (no loader in the timing)."""
-
-    def __init__(self, data: list[dict[str, Any]]) -> None:
-        self.data = data
-
-    def epoch(self, epoch: int, start: int) -> Any:
-        return iter(self.data[start:])
-
-
-class TrainerLoop:
-    """The trainer's Loop over in-memory batches: micro-steps, agreement, monitor, counters."""
-
-    def __init__(self, cfg: TrainConfig, stage: int, run: RunFolder, data: list[dict[str, Any]]) -> None:
-        cfg.deepspeed.zero_stage = stage
-        self.task = make_task(cfg, run, DistInfo.from_env({}), "cpu")
-        torch.manual_seed(0)
-        steps = len(data)
-        engine = build_engine(
-            self.task.build(), cfg.deepspeed, cfg.optim, BatchSizes(BATCH, 1, 1), 10**6, "cpu"
-        )
-        plan = Plan(Layout(1, 1, BATCH, steps * BATCH), 1, 10**6, steps, 10**6, 10**6, steps * BATCH)
-        ckpt = Checkpointer(cfg.checkpoint, run.root / f"checkpoints-{stage}", DistInfo.from_env({}))
-        monitor = Monitor(run.root / f"zero{stage}", True, "cpu", cfg.run.log_every, plan.total, 0)
-        monitor.bar.disable = True
-        parts = Parts(self.task, InMemory(data), engine, ckpt, Evaluator(cfg.eval, self.task, list), monitor)  # type: ignore[arg-type]
-        self.loop = Loop(cfg, plan, parts, TrainState.of(plan.layout), 0)
-
-    def epoch(self, data: list[dict[str, Any]]) -> None:
-        self.loop.state.micro_in_epoch = 0
-        self.loop.epoch()
-
-
 def step_times(
     cfg: TrainConfig, run: RunFolder, data: list[dict[str, Any]], repeat: int, warm: int
 ) -> dict[str, float]:
@@ -129,7 +91,8 @@ def step_times(
     `warm` batches of each epoch run but not timed."""
     runners: dict[str, Any] = {}
     for stage in (0, 2):
-        runners[f"zero{stage}"] = TrainerLoop(cfg, stage, run, data)
+        cfg.deepspeed.zero_stage = stage
+        runners[f"zero{stage}"] = TrainerLoop(cfg, run, f"zero{stage}", BATCH)
     torch.manual_seed(0)
     runners["bare"] = BareLoop(runners["zero0"].task.build(), cfg, len(data))
     best: dict[str, float] = {name: float("inf") for name in runners}
@@ -224,7 +187,7 @@ def main() -> None:
             f"run.dir={root}/run",
             f"data.manifest={manifest}",
             f"train.batch_size={BATCH}",
-            "checkpoint.at_epoch_end=false",
+            *QUIET,
         ]
         cfg = load_config(TrainConfig, ROOT / "configs/demo-flickr8k.yaml", overrides)
         run = RunFolder(Path(cfg.run.dir))

@@ -238,3 +238,13 @@ class Embedder:
     def score(self, pictures: list[Image.Image], texts: list[str]) -> list[float]:
         """CLIPScore (Hessel et al. 2021): 100 × max(cos(image, text), 0), pairwise."""
         return (100 * (self.images(pictures) * self.texts(texts)).sum(-1).clamp(min=0)).tolist()
+
+    def r_precision(self, pictures: list[Image.Image], prompts: list[str]) -> tuple[float, float]:
+        """Of pictures drawn from prompts (picture i from prompts[i]): the mean CLIP score with their own
+        prompt, and the CLIP R-precision: the fraction whose own prompt this CLIP ranks first among all
+        the distinct prompts (Park et al. 2021's R-precision with R = 1)."""
+        distinct = list(dict.fromkeys(prompts))
+        own = torch.tensor([distinct.index(p) for p in prompts])
+        sim = self.images(pictures) @ self.texts(distinct).t()
+        scores = 100 * sim[torch.arange(len(prompts)), own].clamp(min=0)
+        return float(scores.mean()), float((sim.argmax(dim=1) == own).float().mean())

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from plumbing.config import require
+from plumbing.errors import UserError
 
 # OpenAI CLIP's normalisation (the values CLIPImageProcessor ships with for openai/clip-*).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -228,7 +229,13 @@ def _marker(preset: str, *cfgs: Any) -> dict[str, Any]:
 
 
 def _publish(folder: Path, write: Callable[[Path], None], marker: dict[str, Any]) -> None:
-    """Write into a staging sibling, add the marker, rename into place: a folder is whole or absent."""
+    """Write into a staging sibling, add the marker, rename into place: a folder is whole or absent.
+    A folder that a preset did not build (no marker) is never replaced: it may be someone's model."""
+    if folder.exists() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise UserError(
+            f"{folder} exists and was not built by a preset (no {MARKER}): refusing to replace it; "
+            "to use it as it is, leave preset empty"
+        )
     staging = folder.with_name(f".{folder.name}.building")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -131,7 +131,7 @@ def _sample(cfg: SampleConfig, info: DistInfo, device: str) -> int:
     barrier()
     if info.rank == 0:  # every array task merges what exists; the last one to finish sees it all
         merged = records.merge(sorted(job.key for job in jobs))
-        finish(out, merged, cfg, len(jobs), prompts.skipped)
+        finish(out, merged, cfg, len(jobs), prompts.skipped, scorer)
     return 0
 
 
@@ -213,6 +213,7 @@ def finish(
     cfg: SampleConfig,
     requested: int,
     skipped: list[dict[str, str]],
+    scorer: Embedder | None,
 ) -> None:
     sheet = out.contact_sheet(merged, cfg.contact_sheet)
     if cfg.tensorboard and merged:
@@ -244,10 +245,15 @@ def finish(
     }
     if scores:
         summary["clip_score"] = {"mean": sum(scores) / len(scores), "min": min(scores), "max": max(scores)}
+        if scorer is not None and len({r["prompt"] for r in merged}) > 1:
+            pictures = [Image.open(out.root / r["file"]).convert("RGB") for r in merged]
+            _, summary["r_precision"] = scorer.r_precision(pictures, [r["prompt"] for r in merged])
     atomic_write_json(out.root / "summary.json", summary)
     line = f"{len(merged)} of {requested} images in {out.images}; manifest {out.root / 'manifest.jsonl'}"
     if sheet:
         line += f"; contact sheet {sheet}"
     if scores:
         line += f"; mean CLIP score {summary['clip_score']['mean']:.2f}"
+    if "r_precision" in summary:
+        line += f"; CLIP R-precision {summary['r_precision']:.1%} among {len({r['prompt'] for r in merged})} prompts"
     print(line)

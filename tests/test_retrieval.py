@@ -222,3 +222,59 @@ def test_two_ranks_split_the_images_and_agree_with_one(trained: dict[str, Path],
     torchrun(2, ["caption", *common, "--out", str(two)], module="retrieval")
     assert sorted(p.name for p in (two / "parts").iterdir()) == ["a0000-r0000.jsonl", "a0000-r0001.jsonl"]
     assert (one / "captions.jsonl").read_text() == (two / "captions.jsonl").read_text()
+
+
+def test_a_run_killed_mid_way_on_two_ranks_then_rerun_has_one_record_per_image(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """Both ranks SIGKILLed while they write their parts (a torn last line is likely), then the same
+    command again: every image captioned exactly once, none lost, none doubled."""
+    import os
+    import signal
+    import time
+
+    from tests.helpers import env, launcher
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(400):
+        Image.new("RGB", (48, 48), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)).save(
+            photos / f"{i:04d}.jpg"
+        )
+    bank = tmp_path / "bank.txt"
+    bank.write_text("a red picture .\na blue picture .\na green picture .\n")
+    out = tmp_path / "out"
+    args = [
+        *launcher(2, "retrieval"),
+        "caption",
+        "--export",
+        str(trained["export"]),
+        "--images",
+        str(photos),
+        "--bank",
+        str(bank),
+        "--out",
+        str(out),
+        "batch_size=1",
+    ]
+    proc = subprocess.Popen(
+        args, env=env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline, written = time.monotonic() + 300, 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        parts = list((out / "parts").glob("*.jsonl")) if (out / "parts").is_dir() else []
+        written = sum(p.read_bytes().count(b"\n") for p in parts)
+        if written >= 40:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 40 <= written < 400, f"the run was not killed mid-way ({written} records)"
+    assert not (out / "captions.jsonl").exists()
+    run(args)
+    lines = (out / "captions.jsonl").read_text().splitlines()
+    images = [json.loads(line)["image"] for line in lines]
+    assert sorted(images) == sorted(str(p) for p in photos.glob("*.jpg"))  # each exactly once
+    parts = [line for p in (out / "parts").glob("*.jsonl") for line in p.read_text().splitlines()]
+    ids = [json.loads(line)["image"] for line in parts if line.endswith("}")]
+    assert len(ids) == len(set(ids)) == 400  # no image captioned twice, across the kill

@@ -9,11 +9,22 @@ from pathlib import Path
 
 from plumbing.errors import UserError, run_cli
 
-SHOWN = ("top1", "top5", "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10")
+# metric → how it prints: rates as percentages, losses and scores as numbers
+SHOWN = {
+    **{
+        m: "{:8.1%}"
+        for m in ("top1", "top5", "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10")
+    },
+    "val_loss": "{:8.4f}",
+    "r_precision": "{:8.1%}",
+    "clip_score": "{:8.2f}",
+    "reconstruction_mse": "{:8.4f}",
+    "psnr": "{:8.2f}",
+}
 
 
 def table(runs: list[Path]) -> str:
-    rows = [f"{'run':28s} {'metric':10s} {'before':>8s} {'after':>8s}  (step)"]
+    rows = [f"{'run':28s} {'metric':18s} {'before':>8s} {'after':>8s}  (step)"]
     for run in runs:
         path = run / "eval.jsonl"
         if not path.is_file():
@@ -22,10 +33,11 @@ def table(runs: list[Path]) -> str:
         if not evals:
             raise UserError(f"{path}: empty")
         first, last = min(evals, key=lambda e: e["step"]), max(evals, key=lambda e: e["step"])
-        for metric in SHOWN:
+        for metric, shape in SHOWN.items():
             if metric in first:
+                before, after = shape.format(first[metric]), shape.format(last[metric])
                 rows.append(
-                    f"{run.name:28s} {metric:10s} {first[metric]:8.1%} {last[metric]:8.1%}  ({first['step']} → {last['step']})"
+                    f"{run.name:28s} {metric:18s} {before} {after}  ({first['step']} → {last['step']})"
                 )
     return "\n".join(rows)
 

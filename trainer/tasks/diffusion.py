@@ -162,16 +162,6 @@ def denoising_loss(
     ).mean()
 
 
-def r_precision(embedder: Embedder, pictures: list[Image.Image], prompts: list[str]) -> tuple[float, float]:
-    """(mean CLIP score of each picture with its own prompt, fraction of pictures whose own prompt the
-    CLIP ranks first among all the prompts): picture i was drawn from prompts[i]."""
-    images, texts = embedder.images(pictures), embedder.texts(list(dict.fromkeys(prompts)))
-    own = torch.tensor([list(dict.fromkeys(prompts)).index(p) for p in prompts])
-    sim = images @ texts.t()
-    scores = 100 * sim[torch.arange(len(prompts)), own].clamp(min=0)
-    return float(scores.mean()), float((sim.argmax(dim=1) == own).float().mean())
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -584,8 +574,8 @@ class DenoisingTask(DiffusionTask):
             pictures = self.draw(engine.module, self.cfg.eval_prompts)
         if self.cfg.eval_clip:
             embedder = Embedder(self.cfg.eval_clip, self.device)
-            metrics["clip_score"], metrics["r_precision"] = r_precision(
-                embedder, pictures, self.cfg.eval_prompts
+            metrics["clip_score"], metrics["r_precision"] = embedder.r_precision(
+                pictures, self.cfg.eval_prompts
             )
         grid = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pictures]).float() / 255
         return Evaluation(metrics, {"eval/images": grid})

@@ -1,0 +1,138 @@
+"""core/: the pieces the stages share give the same answers wherever they are used."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from core.clip import CLIPFineTuner, Embedder, HeadSpec, load_clip, load_processors
+from core.manifest import FORMAT_VERSION, load_manifest
+from core.preprocess import Collate, ImageTransform
+from core.presets import TinyConfig, build_clip
+from core.records import Records
+from plumbing.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trainer-export-shaped tiny CLIP with non-trivial MLP heads (as CLIPFineTuner saves it)."""
+    root = tmp_path_factory.mktemp("export")
+    build_clip(root / "base", "tiny", TinyConfig(image_size=64, patch_size=8))
+    torch.manual_seed(1)
+    clip = load_clip(str(root / "base"))
+    model = CLIPFineTuner(clip, HeadSpec("mlp", 64, 48, 0))
+    tokenizer, processor = load_processors(str(root / "base"))
+    model.save_pretrained(root / "export", tokenizer, processor)
+    return root / "export"
+
+
+def pictures() -> list[Image.Image]:
+    rng = random.Random(0)
+    return [
+        Image.new("RGB", (160 + 8 * i, 120), tuple(rng.randrange(256) for _ in range(3))) for i in range(3)
+    ]
+
+
+def test_sampler_retrieval_and_the_trainers_evaluation_embed_alike(export: Path) -> None:
+    """The sampler's CLIP score and retrieval both use core.clip.Embedder; the trainer's evaluation
+    runs the engine on its own eval preprocessing and collate. Same image, same text: same embedding."""
+    from trainer.tasks.clip import ClipPrep
+
+    embedder = Embedder(str(export), "cpu")
+    texts = ["A red circle on the left on a black background .", "a cat"]
+    # the trainer's way: its eval prep (in a loader worker) → its collate → the model's forward
+    tokenizer, processor = load_processors(str(export))
+    prep = ClipPrep(ImageTransform.of(processor, random_crop=True, hflip=True), ImageTransform.of(processor))
+    samples = [
+        prep({"key": str(i), "image": p, "text": "x"}, draw=i, train=False) for i, p in enumerate(pictures())
+    ]
+    batch = Collate(tokenizer, 32, False, processor)(samples)
+    model = CLIPFineTuner.from_pretrained(export)
+    tokens = Collate(tokenizer, 32, True, processor).tokenize(texts)
+    with torch.no_grad():
+        image, text, _ = model(batch["pixel_values"], tokens["input_ids"], tokens["attention_mask"])
+    assert torch.allclose(embedder.images(pictures()), image, atol=1e-5)
+    assert torch.allclose(embedder.texts(texts), text, atol=1e-5)
+    score = embedder.score(pictures()[:2], texts)
+    assert score == pytest.approx([100 * max(0.0, float(image[i] @ text[i])) for i in range(2)], abs=1e-3)
+
+
+def test_captions_padded_to_the_batch_embed_as_padded_to_the_maximum(export: Path) -> None:
+    """Collate pads captions to the batch's longest: CLIP's causal text tower pools at the end token,
+    so the embedding is the one of the full-length padding, with less work."""
+    tokenizer, processor = load_processors(str(export))
+    model = CLIPFineTuner.from_pretrained(export)
+    texts = ["a red circle", "There is a blue square at the top on a white background ."]
+    trimmed = Collate(tokenizer, 32, True, processor).tokenize(texts)
+    full = Collate(tokenizer, 32, True, processor, trim=False).tokenize(texts)
+    assert trimmed["input_ids"].shape[1] < full["input_ids"].shape[1] == 32
+    with torch.no_grad():
+        a = model.encode_text(trimmed["input_ids"], trimmed["attention_mask"])
+        b = model.encode_text(full["input_ids"], full["attention_mask"])
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_plain_clip_folder_embeds_through_identity_heads(tmp_path: Path) -> None:
+    build_clip(tmp_path / "clip", "tiny", TinyConfig())
+    embedder = Embedder(str(tmp_path / "clip"), "cpu")
+    clip = load_clip(str(tmp_path / "clip"))
+    tokens = embedder.collate.tokenize(["a red circle"])
+    with torch.no_grad():
+        plain = torch.nn.functional.normalize(clip.get_text_features(**tokens).pooler_output, dim=-1)
+    assert torch.allclose(embedder.texts(["a red circle"]), plain, atol=1e-6)
+    with pytest.raises(UserError, match="not a trainer export .* nor a CLIP folder"):
+        Embedder(str(tmp_path), "cpu")
+
+
+def test_a_torn_last_line_is_discarded_and_redone(tmp_path: Path) -> None:
+    records = Records(tmp_path, "out.jsonl", key=lambda r: r["id"])
+    writer = records.writer("a0000-r0000")
+    writer.append([{"id": "a"}, {"id": "b"}])
+    with open(writer.path, "a") as f:
+        f.write('{"id": "c", "half')  # killed mid-line
+    assert set(records.done()) == {"a", "b"}
+    records.writer("a0000-r0000").append([{"id": "c"}])  # the rerun redoes c on a fresh line
+    assert [json.loads(line)["id"] for line in writer.path.read_text().splitlines()] == ["a", "b", "c"]
+    assert [r["id"] for r in records.merge(["c", "a", "b", "d"])] == ["c", "a", "b"]
+    assert (tmp_path / "out.jsonl").read_text().count("\n") == 3
+
+
+def test_records_that_fail_their_check_are_not_done(tmp_path: Path) -> None:
+    records = Records(tmp_path, "m.jsonl", key=lambda r: r["id"], check=lambda r: r["ok"])
+    records.writer("p").append([{"id": 1, "ok": True}, {"id": 2, "ok": False}])
+    assert list(records.done()) == [1]
+
+
+def test_a_manifest_of_another_format_version_is_one_line(tmp_path: Path) -> None:
+    raw = {"format_version": FORMAT_VERSION + 1, "dataset": "x", "fingerprint": "f", "splits": {}}
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(
+        UserError, match=rf"format_version {FORMAT_VERSION + 1}, this harness reads {FORMAT_VERSION}"
+    ):
+        load_manifest(tmp_path)
+    raw.pop("format_version")
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match="format_version None"):
+        load_manifest(tmp_path / "manifest.json")
+
+
+def test_a_preset_never_replaces_a_folder_it_did_not_build(tmp_path: Path) -> None:
+    """preset=tiny with model= pointing at someone's model (an export, say) must not build over it."""
+    from core.presets import TinyDiffusionConfig, build_diffusion
+
+    mine = tmp_path / "export"
+    mine.mkdir()
+    (mine / "model_index.json").write_text("{}")
+    with pytest.raises(UserError, match="exists and was not built by a preset"):
+        build_diffusion(mine, "tiny", TinyDiffusionConfig(), TinyConfig())
+    assert (mine / "model_index.json").read_text() == "{}"
+    build_diffusion(tmp_path / "fresh", "tiny", TinyDiffusionConfig(), TinyConfig())
+    build_diffusion(
+        tmp_path / "fresh", "tiny", TinyDiffusionConfig(image_size=64), TinyConfig()
+    )  # its own: rebuilt
+    assert (tmp_path / "fresh" / "unet").is_dir()
