@@ -29,6 +29,8 @@ bench: setup  ## CPU benchmarks; bench/gpu.py is for a GPU machine
 	$(PY) -m bench.prep
 	$(PY) -m bench.train_overhead
 	$(PY) -m bench.sample
+bench-peer: setup  ## this harness against open_clip 3.3.0's own trainer, side by side (open_clip goes into .venv-peer/)
+	$(PY) -m bench.peer_openclip
 
 docs: setup  ## regenerate docs/CONFIG.md from the typed configs
 	$(PY) -m tools.config_reference

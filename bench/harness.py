@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,8 +35,8 @@ class InMemory:
     def __init__(self, data: list[dict[str, Any]]) -> None:
         self.data = data
 
-    def epoch(self, epoch: int, start: int) -> Any:
-        return iter(self.data[start:])
+    def epoch(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
+        yield from self.data[start:]
 
 
 class TrainerLoop:

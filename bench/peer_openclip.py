@@ -8,8 +8,10 @@ DDP at 1 and 2 processes (the same open_clip runs stand beside both ZeRO rows of
   their TensorBoard events (both log every step; the start-up and the first steps are left out);
 - wall time of the whole run (launch to exit of `torch.distributed.run`), and of it launch → step 5
   and last step → exit;
-- peak RSS of each trainer process (every process under the torchrun agent sampled every 0.2 s;
-  loader workers reported apart).
+- peak RSS of each trainer process, and its anonymous part (RssAnon: file-backed pages of the same
+  libraries map differently from one install to another, so the table also shows `import torch`
+  alone in both environments); every process under the torchrun agent is read every 0.2 s, loader
+  workers reported apart.
 Runs alternate strictly (this harness, open_clip, this harness, open_clip, …), `--repeat` rounds;
 medians, and the median of paired ratios (each harness run over the open_clip run right after it).
 
@@ -26,7 +28,7 @@ From nothing: open-clip-torch 3.3.0 goes into its own virtual environment (`--ve
 file says what is there), the shards are written by `python -m data_prep`, the model is written once
 for each side (a Hugging Face CLIP folder; an open_clip `local-dir:` folder). Everything a run makes
 goes under runs/peer_openclip[-quick]/, the shards under data/peer_openclip[-quick]/.
-Writes bench/results/peer_openclip-<cpu>.json.
+Writes bench/results/peer_openclip-<cpu>.json (`--quick`: runs/peer_openclip-quick/, not a result).
 
 This file is also the open_clip launcher (`openclip-worker`, run by .venv-peer's Python): it may
 import only the standard library at the top.
@@ -71,14 +73,13 @@ NOT_HELD = (
     "captions: this harness draws one of each image's 5 captions per epoch (json), open_clip reads the "
     "first (txt)",
     "text padding: this harness pads to the batch's longest caption, open_clip to 77 tokens",
-    "attention and layers: HF CLIPModel (sdpa) against open_clip's own transformer",
+    "the layers: HF CLIPModel's against open_clip's own transformer (nn.MultiheadAttention)",
     "optimizer step: DeepSpeed's engine (ZeRO-0/2) against torch AdamW under DDP",
     "start-up: this harness checks every shard's sha256 (data.verify, its default); open_clip checks none",
     "end: this harness writes a DeepSpeed checkpoint and an HF export (run.verify_export=false); "
     "open_clip writes epoch_1.pt",
     "shuffling: this harness's buffer holds 1,000 samples; open_clip's 5,000 (it starts at 1,000)",
     "open_clip clamps the temperature at ln 100 after every step",
-    "webdataset: this harness 1.0.2 (requirements.lock); open_clip 0.2.x (its training extra asks <=0.2.86)",
 )
 
 
@@ -212,6 +213,8 @@ def write_hf_clip(shape: Shape, bpe_gz: Path, folder: Path) -> int:
 
 
 def _peer_json(python: Path, model: str) -> dict[str, Any]:
+    """From open_clip's environment: where its bundled BPE lies, its token ids for TOKEN_CHECK, and
+    the parameter count of the model it builds from `model`."""
     code = (
         "import json, logging, sys, open_clip\n"
         "from open_clip.tokenizer import default_bpe\n"
@@ -226,6 +229,7 @@ def _peer_json(python: Path, model: str) -> dict[str, Any]:
         capture_output=True,
         text=True,
         env=run_env(),
+        cwd=python.parents[1],
     )
     if out.returncode != 0:
         raise SystemExit(f"open_clip in {python.parents[1]} does not load:\n{out.stderr[-2000:]}")
@@ -234,6 +238,8 @@ def _peer_json(python: Path, model: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Models:
+    """The two folders of the same model, and what each side counts in it."""
+
     hf: Path
     openclip: Path
     hf_params: int
@@ -291,14 +297,16 @@ def peer_python(venv: Path) -> Path:
     if stamp.is_file() and stamp.read_text().split() == wanted and python.exists():
         return python
     print(f"installing {' '.join(wanted)} into {venv} (once; a few minutes)", flush=True)
-    log = venv.parent / f"{venv.name}-install.log"
+    venv.mkdir(parents=True, exist_ok=True)
+    log = venv / "install.log"
     with open(log, "w") as out:
         steps = [
             [str(Path(sys.base_prefix) / "bin" / "python3"), "-m", "venv", str(venv)],
             [str(python), "-m", "pip", "install", "-q", *wanted],
         ]
         for step in steps[0 if not python.exists() else 1 :]:
-            if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+            # cwd: from the repository, pip would see clip_harness.egg-info and judge its requirements
+            if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, cwd=venv).returncode != 0:
                 raise SystemExit(f"installing open_clip failed: {' '.join(step)}\n  see {log}")
     stamp.write_text("\n".join(wanted) + "\n")
     return python
@@ -308,17 +316,15 @@ def prepare_shards(out: Path, samples: int) -> Path:
     """The synthetic Flickr8k-format set through the project's own `python -m data_prep` (a rerun keeps
     what matches): `samples` training images in four equal shards, so every rank gets equal shares."""
     raw, shards = out / "raw", out / "flickr8k"
-    small = ["synthetic.cifar_per_batch=10", "synthetic.cifar_test=10", "synthetic.flickr_dev=32"]
+    sizes = {
+        "cifar_per_batch": 10,
+        "cifar_test": 10,
+        "flickr_train": samples,
+        "flickr_dev": 32,
+        "flickr_test": 32,
+    }
     for argv in (
-        [
-            "synthetic",
-            "--out",
-            str(raw),
-            "--quiet",
-            *small,
-            "synthetic.flickr_test=32",
-            f"synthetic.flickr_train={samples}",
-        ],
+        ["synthetic", "--out", str(raw), "--quiet", *(f"synthetic.{k}={v}" for k, v in sizes.items())],
         [
             "flickr8k",
             "--images",
@@ -378,10 +384,12 @@ class Measured:
     to_step5_s: float
     tail_s: float
     steps: int
-    rss_mb: list[float] = field(default_factory=list)  # trainer processes
+    rss_mb: list[float] = field(default_factory=list)  # peak of each trainer process
+    anon_mb: list[float] = field(default_factory=list)
     loader_rss_mb: list[float] = field(default_factory=list)
     loss_first: float = 0.0
     loss_last: float = 0.0
+    attempts: int = 1
 
 
 def run_env() -> dict[str, str]:
@@ -398,10 +406,14 @@ def run_env() -> dict[str, str]:
 
 
 def torchrun(python: Path | str, procs: int) -> list[str]:
+    """Both sides start the same way, one process per rank, even for one process."""
     return [str(python), "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
 
 
 def harness_command(spec: Spec, models: Models, manifest: Path, run_dir: Path) -> list[str]:
+    """`python -m trainer` on the demo's Flickr8k config, every setting that matters spelled out:
+    the HF folder instead of the tiny preset, no evaluation, the epoch-end checkpoint kept (open_clip
+    writes one too), the export's read-back check off (open_clip has none)."""
     o = OPTIM
     return [
         *torchrun(sys.executable, spec.procs),
@@ -478,12 +490,32 @@ def openclip_command(spec: Spec, python: Path, models: Models, manifest: Path, r
     return [*torchrun(python, spec.procs), str(Path(__file__).resolve()), WORKER, str(args)]
 
 
-class RssSampler:
-    """Peak RSS of every process under a torchrun agent: its children are the trainers, theirs the
-    loader workers (psutil, every RSS_EVERY_S)."""
+MEMORY = {"VmRSS": "rss", "RssAnon": "anon"}  # /proc/PID/status fields → our names
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS and RssAnon of a process (its private, anonymous share: file-backed pages of the same
+    shared libraries count differently from one install to another), in MB; {} once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    kb = {
+        k: float(v.split()[0])
+        for k, _, v in (line.partition(":") for line in status.splitlines())
+        if k in MEMORY
+    }
+    return {MEMORY[k]: v / 1024 for k, v in kb.items()}
+
+
+class MemorySampler:
+    """Peak memory of every process under a torchrun agent: its children are the trainers, their forks
+    the loader workers (every RSS_EVERY_S; a zombie's 0 is not a reading)."""
 
     def __init__(self, agent: int) -> None:
-        self.agent, self.trainers, self.loaders = agent, {}, {}
+        self.agent = agent
+        self.trainers: dict[int, dict[str, float]] = {}
+        self.loaders: dict[int, dict[str, float]] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -498,27 +530,43 @@ class RssSampler:
         while not self.stop.is_set():
             try:
                 for trainer in agent.children():
-                    self._take(self.trainers, trainer)
-                    for loader in trainer.children(recursive=True):
-                        self._take(self.loaders, loader)
+                    self._take(self.trainers, trainer.pid)
+                    command = trainer.cmdline()
+                    for child in trainer.children(recursive=True):
+                        if child.cmdline() == command:  # forked: a loader worker, not a helper tool
+                            self._take(self.loaders, child.pid)
             except psutil.Error:
                 pass
             self.stop.wait(RSS_EVERY_S)
 
     @staticmethod
-    def _take(peaks: dict[int, float], proc: Any) -> None:
-        import psutil
+    def _take(peaks: dict[int, dict[str, float]], pid: int) -> None:
+        now = memory_mb(pid)
+        if now.get("rss"):
+            old = peaks.setdefault(pid, {})
+            for key, mb in now.items():
+                old[key] = max(old.get(key, 0.0), mb)
 
-        try:
-            mb = proc.memory_info().rss / 2**20
-        except psutil.Error:
-            return
-        peaks[proc.pid] = max(peaks.get(proc.pid, 0.0), mb)
-
-    def finish(self) -> tuple[list[float], list[float]]:
+    def finish(self) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
         self.stop.set()
         self.thread.join()
-        return sorted(self.trainers.values()), sorted(self.loaders.values())
+        return list(self.trainers.values()), list(self.loaders.values())
+
+
+def import_memory(python: Path | str) -> dict[str, float]:
+    """Memory of a process that has only imported torch: the same torch build in both environments,
+    so a difference is how their library files map, not either trainer's doing."""
+    code = (
+        "import torch, json, re\n"
+        "status = open('/proc/self/status').read()\n"
+        "print(json.dumps({k: int(re.search(k + r':\\s+(\\d+)', status).group(1)) / 1024 for k in ('VmRSS', 'RssAnon')}))"
+    )
+    done = subprocess.run(
+        [str(python), "-c", code], capture_output=True, text=True, env=run_env(), cwd=Path(python).parents[1]
+    )
+    if done.returncode != 0:
+        return {}
+    return {MEMORY[k]: v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
 def scalars(folder: Path, tag: str) -> list[tuple[int, float, float]]:
@@ -540,6 +588,10 @@ TB = {
 }
 
 
+class RunFailed(Exception):
+    """A run that exited badly or logged too few steps (the message says which, and where its log is)."""
+
+
 def measure(spec: Spec, cmd: list[str], run_dir: Path, logs: Path, expected_steps: int) -> Measured:
     """Launch, sample RSS until exit, then read the run's TensorBoard log."""
     log = logs / f"{spec.name}.log"
@@ -548,23 +600,23 @@ def measure(spec: Spec, cmd: list[str], run_dir: Path, logs: Path, expected_step
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-        sampler = RssSampler(proc.pid)
+        sampler = MemorySampler(proc.pid)
         try:
             rc = proc.wait(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             rc = proc.wait()
         end = time.time()
-        rss, loader_rss = sampler.finish()
+        trainers, loaders = sampler.finish()
     if rc != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
-        raise SystemExit(f"{spec.name} exited {rc}; its log: {log}\n{tail}")
+        raise RunFailed(f"{spec.name} exited {rc}; its log: {log}\n{tail}")
     sub, tag, first = TB[spec.side]
     events = scalars(run_dir / sub, tag)
     done = {step - first + 1: wall for step, wall, _ in events}  # steps completed → when
     last = max(done)
     if last != expected_steps or STEADY_FROM not in done:
-        raise SystemExit(f"{spec.name}: its log ends at step {last} of {expected_steps}; see {log}")
+        raise RunFailed(f"{spec.name}: its log ends at step {last} of {expected_steps}; see {log}")
     losses = scalars(run_dir / sub, "train/loss")
     return Measured(
         spec,
@@ -573,8 +625,9 @@ def measure(spec: Spec, cmd: list[str], run_dir: Path, logs: Path, expected_step
         to_step5_s=done[STEADY_FROM] - start,
         tail_s=end - done[last],
         steps=last,
-        rss_mb=rss,
-        loader_rss_mb=loader_rss,
+        rss_mb=sorted(t["rss"] for t in trainers),
+        anon_mb=sorted(t.get("anon", 0.0) for t in trainers),
+        loader_rss_mb=sorted(t["rss"] for t in loaders),
         loss_first=losses[0][2],
         loss_last=losses[-1][2],
     )
@@ -616,14 +669,21 @@ def rows(results: list[Measured], procs: list[int]) -> list[dict[str, Any]]:
                 a, b = _med([getattr(m, key) for m in ours]), _med([getattr(m, key) for m in peers])
                 paired = _med([getattr(m, key) / getattr(q, key) for m, q in pairs if q])
                 row[key] = {"harness": a, "open_clip": b, "ratio": a / b, "paired": paired}
-            a, b = [max(m.rss_mb) for m in ours], [max(m.rss_mb) for m in peers]
-            row["peak_rss_mb"] = {"harness": a, "open_clip": b, "ratio": max(a) / max(b)}
+            for key in ("rss_mb", "anon_mb"):  # the highest trainer process of each run
+                a, b = [max(getattr(m, key)) for m in ours], [max(getattr(m, key)) for m in peers]
+                paired = _med([max(getattr(m, key)) / max(getattr(q, key)) for m, q in pairs if q])
+                row[f"peak_{key}"] = {
+                    "harness": a,
+                    "open_clip": b,
+                    "ratio": _med(a) / _med(b),
+                    "paired": paired,
+                }
             out.append(row)
     return out
 
 
 def _next_peer(results: list[Measured], m: Measured) -> Measured | None:
-    later = results[results.index(m) + 1 :]
+    later = results[next(i for i, r in enumerate(results) if r is m) + 1 :]
     return next((q for q in later if q.spec.side == "open_clip" and q.spec.procs == m.spec.procs), None)
 
 
@@ -632,56 +692,57 @@ def targets(table: list[dict[str, Any]]) -> list[Target]:
 
     out = []
     for r in table:
-        label = f"{r['procs']} proc, ZeRO-{r['zero']}"
-        out.append(Target(f"{label}: samples/s, harness / open_clip", r["samples_per_s"]["ratio"], 1.2))
-        out.append(
-            Target(f"{label}: wall time, harness / open_clip", r["wall_s"]["ratio"], 1.0, at_least=False)
-        )
-        out.append(
-            Target(f"{label}: peak RSS, harness / open_clip", r["peak_rss_mb"]["ratio"], 1.0, at_least=False)
-        )
+        label = _label(r)
+        out.append(Target(f"{label}: samples/s", r["samples_per_s"]["ratio"], 1.2))
+        out.append(Target(f"{label}: wall time", r["wall_s"]["ratio"], 1.0, at_least=False))
+        out.append(Target(f"{label}: peak RSS", r["peak_rss_mb"]["ratio"], 1.0, at_least=False))
     return out
 
 
+SECTIONS = (
+    ("samples_per_s", "steady samples/s", ".0f"),
+    ("wall_s", "wall time of the whole run (s)", ".1f"),
+    ("to_step5_s", "  of it: launch to step 5 (s)", ".1f"),
+    ("tail_s", "  of it: last step to exit (s)", ".1f"),
+)
+
+
 def render(table: list[dict[str, Any]], results: list[Measured], models: Models, header: str) -> str:
-    w = 34
-    lines = [header, f"  {'':{w}s} {'this harness':>13s} {'open_clip':>11s}   ratio (paired)"]
-    for r in table:
-        s = r["samples_per_s"]
-        lines.append(
-            f"  {_label(r) + ': samples/s':{w}s} {s['harness']:13.0f} {s['open_clip']:11.0f}   {s['ratio']:.2f} ({s['paired']:.2f})"
-        )
-    for key, what in (
-        ("wall_s", "wall time (s)"),
-        ("to_step5_s", "  of it: launch → step 5"),
-        ("tail_s", "  of it: last step → exit"),
-    ):
+    """The issue's side-by-side table: a section per measure, a line per row."""
+    lines = [header, f"  {'':34s} {'this harness':>13s} {'open_clip':>11s}   ratio (paired)"]
+    for key, title, fmt in SECTIONS:
+        lines.append(f"  {title}")
         for r in table:
             v = r[key]
             lines.append(
-                f"  {_label(r) + ': ' + what:{w}s} {v['harness']:13.1f} {v['open_clip']:11.1f}   {v['ratio']:.2f} ({v['paired']:.2f})"
+                f"    {_label(r):32s} {v['harness']:13{fmt}} {v['open_clip']:11{fmt}}"
+                f"   {v['ratio']:.2f} ({v['paired']:.2f})"
             )
-    for r in table:
-        m = r["peak_rss_mb"]
-        lines.append(
-            f"  {_label(r) + ': peak RSS/trainer (MB)':{w}s} {_span(m['harness'], '.0f'):>13s} {_span(m['open_clip'], '.0f'):>11s}   {m['ratio']:.2f} (max/max)"
-        )
-    lines.append("  loss, first → last step (medians):")
+    for key, title in (("rss", "peak RSS"), ("anon", "  of it anonymous (RssAnon)")):
+        lines.append(f"  {title} per trainer process (MB): lowest-highest run")
+        for r in table:
+            m = r[f"peak_{key}_mb"]
+            lines.append(
+                f"    {_label(r):32s} {_span(m['harness'], '.0f'):>13s} {_span(m['open_clip'], '.0f'):>11s}"
+                f"   {m['ratio']:.2f} ({m['paired']:.2f})"
+            )
+    lines.append("  loss at the first and last step (medians); loader worker peak RSS")
     for side in ("harness", "open_clip"):
         for p in sorted({m.spec.procs for m in results}):
             ms = [m for m in results if m.spec.side == side and m.spec.procs == p]
+            loaders = _span([x for m in ms for x in m.loader_rss_mb], ".0f")
             lines.append(
-                f"    {side:10s} {p} proc: {_med([m.loss_first for m in ms]):.2f} → {_med([m.loss_last for m in ms]):.2f}"
-                f"   (loader worker peak RSS {_span([x for m in ms for x in m.loader_rss_mb], '.0f')} MB)"
+                f"    {side:10s} {p} process{'es' if p > 1 else ''}: {_med([m.loss_first for m in ms]):.2f}"
+                f" -> {_med([m.loss_last for m in ms]):.2f}; loader {loaders} MB"
             )
     lines.append(
-        f"  parameters: this harness {models.hf_params:,} + heads, open_clip {models.openclip_params:,}"
+        f"  parameters: this harness {models.hf_params:,} + its heads, open_clip {models.openclip_params:,}"
     )
     return "\n".join(lines)
 
 
 def _label(r: dict[str, Any]) -> str:
-    return f"{r['procs']} proc, ZeRO-{r['zero']}"
+    return f"{r['procs']} process{'es' if r['procs'] > 1 else ''}, ZeRO-{r['zero']}"
 
 
 # --------------------------------------------------------------------------- main
@@ -692,6 +753,8 @@ def openclip_worker(argv: list[str]) -> None:
     DistributedDataParallel(model, device_ids=[device]), which PyTorch refuses for a CPU module
     (device_ids only apply to single-device GPU modules); this subclass drops them on the CPU and
     changes nothing else, without touching open_clip's files. isinstance checks still hold."""
+    here = str(Path(__file__).resolve().parent)  # run as a script: bench/'s modules must not shadow any
+    sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]
     import torch
     from open_clip_train.main import main as openclip_main
 
@@ -710,7 +773,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="rounds of strictly alternating runs (default 3)")
     p.add_argument("--quick", action="store_true", help="smoke test: 768 samples, 1 round, no warm-up runs")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts (default 1 2)")
-    p.add_argument("--venv", type=Path, default=ROOT / ".venv-peer", help="open_clip's environment")
+    p.add_argument(
+        "--venv",
+        type=Path,
+        default=ROOT / ".venv-peer",
+        help="open_clip's environment (default .venv-peer/, made once)",
+    )
     p.add_argument("--out", default="", help="results file (default bench/results/peer_openclip-<cpu>.json)")
     args = p.parse_args(argv)
     if args.repeat < 1 or any(n not in (1, 2, 4) for n in args.procs):
@@ -718,51 +786,102 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str]) -> None:
-    from bench.common import machine, slug, write_results
-
-    args = parse(argv)
-    samples, rounds = (768, 1) if args.quick else (2048, args.repeat)
-    tag = "peer_openclip" + ("-quick" if args.quick else "")
-    work, logs = ROOT / "runs" / tag, ROOT / "runs" / tag / "logs"
-    python = peer_python(args.venv.resolve())
-    manifest = prepare_shards(ROOT / "data" / tag, samples)
-    models = build_models(Shape(), python, work / "models")
-    logs.mkdir(parents=True, exist_ok=True)
-    specs = schedule(rounds, args.procs)
-    if not args.quick:  # one untimed pair first: page cache, JIT-built extensions, .pyc files
-        specs = [Spec("harness", 1, 2, 0), Spec("open_clip", 1, -1, 0), *specs]
-    results: list[Measured] = []
+def run_all(specs: list[Spec], python: Path, models: Models, manifest: Path, work: Path) -> list[Measured]:
+    """Each run in order, one at a time; a round-0 run is a warm-up, printed but not kept."""
+    samples = shard_pattern(manifest)[1]
+    results = []
     for i, spec in enumerate(specs, 1):
-        run_dir = work / "runs" / spec.name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        cmd = (
-            harness_command(spec, models, manifest, run_dir)
-            if spec.side == "harness"
-            else openclip_command(spec, python, models, manifest, run_dir)
-        )
-        m = measure(spec, cmd, run_dir, logs, samples // (BATCH * spec.procs))
-        shutil.rmtree(run_dir)  # checkpoints and exports: tens of MB a run; the console log is kept
+        m = run_once(spec, python, models, manifest, work, samples // (BATCH * spec.procs))
         print(
             f"[{i}/{len(specs)}] {spec.name:24s} {m.samples_per_s:6.0f} samples/s  wall {m.wall_s:5.1f} s"
-            f"  peak RSS {max(m.rss_mb):5.0f} MB  loss {m.loss_first:.2f} → {m.loss_last:.2f}",
+            f"  peak RSS {max(m.rss_mb):5.0f} MB  loss {m.loss_first:.2f} -> {m.loss_last:.2f}",
             flush=True,
         )
         if spec.round:
             results.append(m)
-    table = rows(results, args.procs)
-    goals = targets(table)
-    header = (
-        f"this harness against open_clip 3.3.0: tiny CLIP, {samples:,} samples (one epoch), batch {BATCH}/process,"
-        f" fp32, 1 loader worker, OMP_NUM_THREADS=1; medians of {rounds} round(s), steady = steps {STEADY_FROM}..last"
+    return results
+
+
+def run_once(spec: Spec, python: Path, models: Models, manifest: Path, work: Path, steps: int) -> Measured:
+    """One run, redone once if it fails (gloo jobs on CPU sometimes abort at exit, "terminate called
+    without an active exception", after good work: shared/notes/stack-on-cpu.md)."""
+    try:
+        return attempt(spec, python, models, manifest, work, steps)
+    except RunFailed as err:
+        print(f"{str(err).splitlines()[0]}: redoing it once", flush=True)
+    try:
+        m = attempt(spec, python, models, manifest, work, steps)
+    except RunFailed as err:
+        raise SystemExit(f"{err}\n(failed twice)") from None
+    m.attempts = 2
+    return m
+
+
+def attempt(spec: Spec, python: Path, models: Models, manifest: Path, work: Path, steps: int) -> Measured:
+    """One run in a fresh folder, removed afterwards (checkpoints and exports: tens of MB a run; the
+    console log stays in <work>/logs)."""
+    run_dir = work / "runs" / spec.name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd = (
+        harness_command(spec, models, manifest, run_dir)
+        if spec.side == "harness"
+        else openclip_command(spec, python, models, manifest, run_dir)
     )
+    m = measure(spec, cmd, run_dir, work / "logs", steps)
+    shutil.rmtree(run_dir)
+    return m
+
+
+def peer_versions(python: Path) -> dict[str, str]:
+    """What open_clip's environment holds, for the results file."""
+    code = (
+        "import json; from importlib import metadata as m\n"
+        "print(json.dumps({n: m.version(n) for n in ('open_clip_torch', 'torch', 'torchvision', 'webdataset', 'timm')}))"
+    )
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=python.parents[1])
+    return json.loads(done.stdout) if done.returncode == 0 else {}
+
+
+def differences(ours: dict[str, str], peer: dict[str, str], venv: Path) -> list[str]:
+    """NOT_HELD, and the versions that differ between the two environments."""
+    out = [
+        *NOT_HELD,
+        f"webdataset: {ours['webdataset']} here, {peer.get('webdataset')} for open_clip (its training extra"
+        " asks <=0.2.86: its tar reader needs 0.2's samples)",
+    ]
+    if peer.get("torch") != ours["torch"]:
+        out.append(f"torch: {ours['torch']} here, {peer.get('torch')} in {venv}")
+    return out
+
+
+def report(
+    args: argparse.Namespace, results: list[Measured], models: Models, python: Path, work: Path
+) -> None:
+    """Print the table with its targets and what was not held constant; write the results file."""
+    from bench.common import machine, slug, versions, write_results
+
+    samples, rounds = results[0].steps * BATCH * results[0].spec.procs, max(m.spec.round for m in results)
+    table, peer = rows(results, args.procs), peer_versions(python)
+    goals = targets(table)
+    memory = {"harness": import_memory(sys.executable), "open_clip": import_memory(python)}
+    not_held = differences(versions(), peer, args.venv)
+    header = (
+        f"this harness against open_clip {peer.get('open_clip_torch')}: tiny CLIP, {samples:,} samples (one epoch),"
+        f" batch {BATCH}/process, fp32, 1 loader worker, OMP_NUM_THREADS=1; medians of {rounds} round(s),"
+        f" steady = steps {STEADY_FROM}..last"
+    )
+    h, o = memory["harness"], memory["open_clip"]
     text = "\n".join(
         [
             render(table, results, models, header),
+            f"  import torch alone, the same build: RSS {h.get('rss', 0):.0f} MB (anon {h.get('anon', 0):.0f}) in"
+            f" .venv, {o.get('rss', 0):.0f} MB (anon {o.get('anon', 0):.0f}) in {args.venv.name}; the difference is"
+            " file-backed pages of identical libraries, neither trainer's doing",
+            "targets, this harness / open_clip (medians):",
             *[t.line() for t in goals],
             "not held constant:",
-            *[f"  - {line}" for line in NOT_HELD],
+            *[f"  - {line}" for line in not_held],
         ]
     )
     print(text)
@@ -772,13 +891,30 @@ def main(argv: list[str]) -> None:
         "rounds": rounds,
         "rows": table,
         "runs": [{**asdict(m.spec), **{k: v for k, v in asdict(m).items() if k != "spec"}} for m in results],
+        "import_torch_memory_mb": memory,
         "held": {"batch": BATCH, "optim": OPTIM, "shape": asdict(Shape()), "steady_from": STEADY_FROM},
-        "not_held": list(NOT_HELD),
-        "peer": {"venv": str(args.venv), "packages": [*lock_pins(LOCKED), *PEER_PACKAGES]},
+        "not_held": not_held,
+        "peer": {"venv": str(args.venv), "versions": peer},
     }
     name = f"peer_openclip-{slug(machine()['cpu'])}"
     out = args.out or (str(work / f"{name}.json") if args.quick else "")  # a smoke test is no result
     print(f"wrote {write_results(name, payload, goals, text, out)}")
+
+
+def main(argv: list[str]) -> None:
+    args = parse(argv)
+    samples, rounds = (768, 1) if args.quick else (2048, args.repeat)
+    tag = "peer_openclip" + ("-quick" if args.quick else "")
+    work = ROOT / "runs" / tag
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    python = peer_python(args.venv.resolve())
+    manifest = prepare_shards(ROOT / "data" / tag, samples)
+    models = build_models(Shape(), python, work / "models")
+    specs = schedule(rounds, args.procs)
+    if not args.quick:  # one untimed pair first: page cache, JIT-built extensions, .pyc files
+        specs = [Spec("harness", 1, 2, 0), Spec("open_clip", 1, -1, 0), *specs]
+    results = run_all(specs, python, models, manifest, work)
+    report(args, results, models, python, work)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the harness needs (image, txt, json, cls) and never unpickles anything.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -20,6 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from core.manifest import Manifest
+from plumbing.errors import LocalError
 from plumbing.seeds import derive_seed
 
 IMAGE_KEYS = ("jpg", "jpeg", "png")
@@ -27,45 +29,78 @@ IMAGE_KEYS = ("jpg", "jpeg", "png")
 
 @dataclass(frozen=True)
 class Range:
-    """Samples [start, stop) of one shard."""
+    """Samples [start, stop) of one shard; `sha256` (the whole shard's, from the manifest) is set when the
+    range reads the shard to its end and the shard is to be checked on the way."""
 
     path: str
     start: int
     stop: int
+    sha256: str = ""
 
 
-def cut(shards: list[tuple[str, int]], start: int, stop: int) -> list[Range]:
+Shard = tuple[str, int, str]  # path, sample count, sha256 ("" when not checked)
+
+
+def cut(shards: list[Shard] | list[tuple[str, int]], start: int, stop: int) -> list[Range]:
     """The shard ranges that hold samples [start, stop) of the concatenation of `shards`."""
     ranges, offset = [], 0
-    for path, count in shards:
+    for path, count, *sha in shards:
         lo, hi = max(start, offset), min(stop, offset + count)
         if lo < hi:
-            ranges.append(Range(path, lo - offset, hi - offset))
+            whole = hi == offset + count  # reads through to the shard's end: can check all its bytes
+            ranges.append(Range(path, lo - offset, hi - offset, sha[0] if sha and whole else ""))
         offset += count
     return ranges
 
 
 def split_shards(
-    manifest: Manifest, split: str, seed: int = 0, epoch: int = 0, shuffle: bool = False
-) -> list[tuple[str, int]]:
-    """(path, sample count) of every shard of `split`: in manifest order, or in a seeded per-epoch order."""
+    manifest: Manifest, split: str, seed: int = 0, epoch: int = 0, shuffle: bool = False, verify: bool = False
+) -> list[Shard]:
+    """(path, sample count, sha256 if `verify`) of every shard of `split`: in manifest order, or in a
+    seeded per-epoch order."""
     order = list(manifest.split(split).shards)
     if shuffle:
         random.Random(derive_seed(seed, "shards", epoch)).shuffle(order)
-    return [(str(manifest.root / split / s.name), s.num_samples) for s in order]
+    return [(str(manifest.root / split / s.name), s.num_samples, s.sha256 if verify else "") for s in order]
+
+
+class _Hashing:
+    """A file read through sha256, as tarfile reads it (sequentially)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.h = f, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.h.update(data)
+        return data
+
+    def finish(self) -> str:
+        while self.read(1 << 20):  # the end-of-archive blocks the tar reader never asks for
+            pass
+        return self.h.hexdigest()
 
 
 def read_ranges(ranges: list[Range]) -> Iterator[dict[str, Any]]:
-    """Raw samples (bytes per extension, `__key__`, `__url__`) of the ranges, in order."""
+    """Raw samples (bytes per extension, `__key__`, `__url__`) of the ranges, in order, read with
+    webdataset's own tar reader. A range with a `sha256` hashes the shard as it streams and compares at
+    its end: a shard changed since data_prep wrote it stops the reader with one line naming it (this
+    replaces hashing every shard before step 1, which for a large set outlasts the process group's
+    timeout)."""
     for r in ranges:
-        samples = wds.tariterators.tarfile_samples(iter([{"url": r.path}]))
-        yield from itertools.islice(samples, r.start, r.stop)
+        with open(r.path, "rb") as f:
+            stream = _Hashing(f) if r.sha256 else f
+            files = wds.tariterators.tar_file_expander(iter([{"url": r.path, "stream": stream}]))
+            yield from itertools.islice(wds.tariterators.group_by_keys(files), r.start, r.stop)
+            if isinstance(stream, _Hashing) and stream.finish() != r.sha256:
+                raise LocalError(
+                    f"shard {r.path}: sha256 does not match the manifest (corrupted or replaced?)"
+                )
 
 
 def read_split(manifest: Manifest, split: str) -> Iterator[dict[str, Any]]:
     """Every raw sample of `split`, in manifest order."""
-    shards = split_shards(manifest, split)
-    yield from read_ranges([Range(path, 0, count) for path, count in shards])
+    yield from read_ranges([Range(path, 0, count) for path, count, _ in split_shards(manifest, split)])
 
 
 def image_bytes(sample: dict[str, Any]) -> bytes | None:

@@ -249,7 +249,7 @@ def test_divergence_stops_with_a_message_and_a_finite_checkpoint(
 
 
 @pytest.mark.parametrize("fault", ["missing", "sha256", "truncated"])
-def test_shard_faults_are_caught_before_training(
+def test_shard_faults_are_caught_before_training_or_as_the_shard_is_read(
     small_data: dict[str, Path], tmp_path: Path, fault: str
 ) -> None:
     data = tmp_path / "data"
@@ -270,6 +270,8 @@ def test_shard_faults_are_caught_before_training(
     assert {"missing": "missing", "sha256": "sha256 does not match", "truncated": "bytes, the manifest says"}[
         fault
     ] in line
+    # a missing or cut shard is seen before anything heavy; a shard of the right size whose bytes
+    # changed is seen as the loader streams it, before the epoch's end (its first checkpoint)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

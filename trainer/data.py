@@ -31,7 +31,7 @@ from omegaconf import MISSING
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from core.manifest import Manifest
-from core.shards import cut, decode, read_ranges, split_shards
+from core.shards import Shard, cut, decode, read_ranges, split_shards
 from plumbing.config import require
 from plumbing.seeds import derive_seed
 
@@ -68,7 +68,7 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     """More than this fraction of undecodable samples stops the run (they are skipped and counted)."""
     verify: str = "sha256"
-    """Check shards before training: "sha256" (size and checksum), "size", or "none"."""
+    """Check shards: "sha256" (sizes before training; each shard's sha256 as the loader reads it through), "size", or "none"."""
 
     def __post_init__(self) -> None:
         require(self.workers >= 0, self, "workers", "an int >= 0")
@@ -179,7 +179,7 @@ class TrainEpoch(IterableDataset):
 
     def __init__(
         self,
-        shards: list[tuple[str, int]],
+        shards: list[Shard],
         layout: Layout,
         rank: int,
         epoch: int,
@@ -223,7 +223,7 @@ class EvalData(IterableDataset):
 
     def __init__(
         self,
-        shards: list[tuple[str, int]],
+        shards: list[Shard],
         ranks: int,
         workers: int,
         rank: int,
@@ -240,7 +240,7 @@ class EvalData(IterableDataset):
             batch,
         )
         self.prep, self.collate = prep, collate
-        self.total = sum(n for _, n in shards)
+        self.total = sum(n for _, n, _ in shards)
         self.per_slot = -(-self.total // (self.ranks * self.workers))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -319,7 +319,10 @@ class TrainData:
 
     def epoch(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
         """The micro-batches of `epoch` from number `start` on (those before were trained already)."""
-        shards = split_shards(self.manifest, self.cfg.train_split, self.seed, epoch, self.cfg.shuffle_shards)
+        verify = self.cfg.verify == "sha256"
+        shards = split_shards(
+            self.manifest, self.cfg.train_split, self.seed, epoch, self.cfg.shuffle_shards, verify
+        )
         dataset = TrainEpoch(
             shards,
             self.layout,
@@ -331,12 +334,24 @@ class TrainData:
             self.prep,
             self.collate,
         )
-        batches = iter(loader(dataset, self.cfg.workers, self.pin))
-        return itertools.islice(batches, max(0, self.micro_per_epoch - start))
+        return batches_of(loader(dataset, self.cfg.workers, self.pin), max(0, self.micro_per_epoch - start))
 
-    def eval_loader(self, batch: int) -> DataLoader:
-        shards = split_shards(self.manifest, self.cfg.eval_split)
+    def eval_batches(self, batch: int) -> Iterator[dict[str, Any]]:
+        shards = split_shards(self.manifest, self.cfg.eval_split, verify=self.cfg.verify == "sha256")
         dataset = EvalData(
             shards, self.layout.ranks, self.cfg.workers, self.rank, batch, self.prep, self.collate
         )
-        return loader(dataset, self.cfg.workers, self.pin)
+        return batches_of(loader(dataset, self.cfg.workers, self.pin))
+
+
+def batches_of(data: DataLoader, count: int | None = None) -> Iterator[dict[str, Any]]:
+    """The loader's batches (at most `count`); its worker processes are shut down however this ends —
+    exhausted, closed early, or by an error raised in a worker. Left to the garbage collector, workers of
+    a loader that raised keep the process from exiting (multiprocessing joins them at exit)."""
+    batches = iter(data)
+    try:
+        yield from itertools.islice(batches, count)
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()

@@ -44,7 +44,9 @@ class Evaluator:
     def run(self, engine: Engine, step: int) -> Evaluation:
         was_training = engine.training
         engine.eval()
+        batches = self.batches()
         try:
-            return self.task.evaluate(engine, self.batches(), step)
+            return self.task.evaluate(engine, batches, step)
         finally:
             engine.train(was_training)
+            getattr(batches, "close", lambda: None)()  # the loader's workers end with the evaluation

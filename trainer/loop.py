@@ -3,6 +3,7 @@ checks between them. It runs any task; the task only turns a batch into a loss."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -83,52 +84,54 @@ class Loop:
         watch = Stopwatch()
         data_time = 0.0
         losses: list[torch.Tensor] = []
-        for batch in self.data.epoch(s.epoch, s.micro_in_epoch):
-            data_time += watch.lap()
-            if s.step == 0 and s.micro_in_epoch == 0:  # what the model sees, once
-                self.monitor.images(0, self.task.shown(batch))
-            micro = self.micro_step(batch)
-            s.micro_in_epoch += 1
-            self.unsynced[0] += len(batch["keys"])
-            self.unsynced[1] += int(batch["skipped"])
-            if not micro.finite:
-                s.nonfinite_steps += 1
-                self.bad_in_row += 1
-                if self.bad_in_row >= self.cfg.train.max_nonfinite:
-                    return self.diverged()
-            else:
-                self.bad_in_row = 0
-                losses.append(micro.loss)
-            if not (micro.finite and micro.boundary):
-                continue
-            s.step += 1
-            s.samples_seen += self.plan.global_batch
-            if s.step % self.cfg.run.log_every == 0:
-                self.sync_counters()
-            self.monitor.step(
-                StepStats(
-                    step=s.step,
-                    loss=torch.stack(losses).mean(),
-                    samples=self.plan.global_batch,
-                    step_time=watch.lap() + data_time,
-                    data_time=data_time,
-                    lr=self.step_lr,
-                    grad_norm=grad_norm(self.engine),
-                    scalars=micro.scalars,
-                    skipped=s.skipped_samples,
-                    nonfinite=s.nonfinite_steps,
+        # closed however the epoch ends: the loader's workers must not outlive an error
+        with contextlib.closing(self.data.epoch(s.epoch, s.micro_in_epoch)) as batches:
+            for batch in batches:
+                data_time += watch.lap()
+                if s.step == 0 and s.micro_in_epoch == 0:  # what the model sees, once
+                    self.monitor.images(0, self.task.shown(batch))
+                micro = self.micro_step(batch)
+                s.micro_in_epoch += 1
+                self.unsynced[0] += len(batch["keys"])
+                self.unsynced[1] += int(batch["skipped"])
+                if not micro.finite:
+                    s.nonfinite_steps += 1
+                    self.bad_in_row += 1
+                    if self.bad_in_row >= self.cfg.train.max_nonfinite:
+                        return self.diverged()
+                else:
+                    self.bad_in_row = 0
+                    losses.append(micro.loss)
+                if not (micro.finite and micro.boundary):
+                    continue
+                s.step += 1
+                s.samples_seen += self.plan.global_batch
+                if s.step % self.cfg.run.log_every == 0:
+                    self.sync_counters()
+                self.monitor.step(
+                    StepStats(
+                        step=s.step,
+                        loss=torch.stack(losses).mean(),
+                        samples=self.plan.global_batch,
+                        step_time=watch.lap() + data_time,
+                        data_time=data_time,
+                        lr=self.step_lr,
+                        grad_norm=grad_norm(self.engine),
+                        scalars=micro.scalars,
+                        skipped=s.skipped_samples,
+                        nonfinite=s.nonfinite_steps,
+                    )
                 )
-            )
-            data_time, losses = 0.0, []
-            if micro.stop:
-                return self.preempted()
-            if s.micro_in_epoch == self.plan.micro_per_epoch:
-                break  # the epoch's last step: its checkpoint is the epoch-end one, below
-            if self.ckpt.should_save(s, epoch_end=False):
-                self.save()
-            if s.step >= self.plan.total:  # train.max_steps, mid-epoch
-                self.save()
-                return 0
+                data_time, losses = 0.0, []
+                if micro.stop:
+                    return self.preempted()
+                if s.micro_in_epoch == self.plan.micro_per_epoch:
+                    break  # the epoch's last step: its checkpoint is the epoch-end one, below
+                if self.ckpt.should_save(s, epoch_end=False):
+                    self.save()
+                if s.step >= self.plan.total:  # train.max_steps, mid-epoch
+                    self.save()
+                    return 0
         s.epoch, s.micro_in_epoch = s.epoch + 1, 0
         self.sync_counters()
         if self.ckpt.should_save(s, epoch_end=True) or self.ckpt.should_save(s, epoch_end=False):
