@@ -30,20 +30,23 @@ from data_prep.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRIBUTES = ("background", "colour", "position", "shape")
+# The demo's vocabulary is its captions' words (data_prep/synthetic.py): these places, and the phrasings
+# below recombine those words in orders and forms no caption has (the tiny text encoder never saw a
+# word like "centre" or "near": its embedding is still random).
 PLACES = {
-    "left": ["on the left", "to the left"],
-    "right": ["on the right", "to the right"],
-    "top": ["at the top", "near the top"],
-    "bottom": ["at the bottom", "near the bottom"],
-    "centre": ["in the middle", "in the centre", "in the center"],
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "centre": "in the middle",
 }
 PHRASINGS = [
-    "{A_c} {s} {p} on a {bg} background .",
-    "On a {bg} background , {a_c} {s} {p} .",  # an order no caption has
-    "{C} {s} {p} , {bg} backdrop .",
+    "On a {bg} background , {a_c} {s} {p} .",
+    "{A_c} {s} {p} , {bg} backdrop .",
     "a {bg} picture with {a_c} {s} {p}",  # lower case, no final dot
     "{A_c} {s} sits {p} of a {bg} scene .",
     "{A_c} {s} {p} , {bg} background .",
+    "There is {a_c} {s} {p} on a {bg} background",
 ]
 
 
@@ -60,7 +63,7 @@ def prompts(n: int, seed: int = 123) -> list[tuple[str, dict[str, str]]]:
             "shape": SHAPES[int(rng.integers(len(SHAPES)))],
         }
         article = "an" if want["colour"][0] in "aeiou" else "a"
-        place = PLACES[want["position"]][int(rng.integers(len(PLACES[want["position"]])))]
+        place = PLACES[want["position"]]
         text = PHRASINGS[i % len(PHRASINGS)].format(
             a_c=f"{article} {want['colour']}",
             A_c=f"{article.capitalize()} {want['colour']}",

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from plumbing.errors import UserError
+from plumbing.logs import quiet_hf_progress
 
 log = logging.getLogger("sampler")
 
@@ -72,6 +73,8 @@ def load_components(
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    quiet_hf_progress()
 
     try:
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)

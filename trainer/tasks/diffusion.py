@@ -36,6 +36,7 @@ from core.shards import captions_of, decode, read_split
 from plumbing.config import require
 from plumbing.dist import DistInfo, all_sum, barrier
 from plumbing.errors import UserError
+from plumbing.logs import quiet_hf_progress
 from plumbing.seeds import derive_seed
 from trainer.data import pick_caption
 from trainer.tasks import Batch, Evaluation
@@ -73,6 +74,8 @@ class DiffusionConfig:
     """Fraction of captions replaced by the empty prompt (classifier-free guidance needs it)."""
     prediction_type: str = ""
     """"epsilon" or "v_prediction"; empty: the scheduler's own."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule to zero SNR at its last step, sampled with trailing timesteps (Lin et al. 2023): with v_prediction, the model can draw truly dark or bright images; the export's scheduler keeps it."""
     snr_gamma: float = 0.0
     """Min-SNR-γ loss weighting (Hang et al. 2023; 5 is their choice); 0: plain MSE."""
     noise_offset: float = 0.0
@@ -82,7 +85,9 @@ class DiffusionConfig:
     gradient_checkpointing: bool = False
     """Recompute the U-Net's activations in the backward pass (less memory, more compute)."""
     kl_weight: float = 1e-6
-    """VAE task: weight of the KL term beside the reconstruction MSE."""
+    """VAE task: weight of the KL term (summed over a latent) beside the reconstruction MSE (a mean over pixels)."""
+    vae_object_weight: float = 0.0
+    """VAE task: extra weight of the pixels that differ from the image's border (on plain backgrounds, the object: small ones otherwise drown in the MSE); 0: plain MSE."""
     eval_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     """Prompts drawn at every evaluation (TensorBoard images; CLIP score and R-precision with eval_clip)."""
     eval_clip: str = ""
@@ -111,6 +116,7 @@ class DiffusionConfig:
         require(self.snr_gamma >= 0, self, "snr_gamma", "a number >= 0")
         require(0 <= self.ema_decay < 1, self, "ema_decay", "a decay in [0, 1)")
         require(self.kl_weight >= 0, self, "kl_weight", "a weight >= 0")
+        require(self.vae_object_weight >= 0, self, "vae_object_weight", "a weight >= 0")
         require(self.eval_steps >= 1, self, "eval_steps", "an int >= 1")
         require(
             all(0 <= t < 1000 for t in self.eval_timesteps), self, "eval_timesteps", "timesteps in [0, 1000)"
@@ -433,6 +439,9 @@ class DiffusionTask:
     objective = "denoising"
 
     def __init__(self, cfg: Any, run: Any, info: DistInfo, device: str) -> None:
+        import diffusers  # noqa: F401  (imported here: quieted below)
+
+        quiet_hf_progress()
         self.train_cfg, self.cfg, self.device, self.rank = cfg, cfg.diffusion, device, info.rank
         self.base_model = run.base_model
         if info.is_main and self.cfg.preset and not is_built(run.base_model, *self._preset()):
@@ -502,7 +511,11 @@ class DenoisingTask(DiffusionTask):
             self.tokenizer.model_max_length,
             _config((self.src.text, "text_encoder"), "text encoder").get("max_position_embeddings", 77),
         )
-        extra = {"prediction_type": self.cfg.prediction_type} if self.cfg.prediction_type else {}
+        extra: dict[str, Any] = (
+            {"prediction_type": self.cfg.prediction_type} if self.cfg.prediction_type else {}
+        )
+        if self.cfg.zero_terminal_snr:
+            extra.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
         self.noise = load(DDPMScheduler, self.src.scheduler, "noise scheduler", **extra)
         self.prediction = self.noise.config.prediction_type
         self.sampling = DDIMScheduler.from_config(self.noise.config)
@@ -703,7 +716,7 @@ class VaeTask(DiffusionTask):
         self.dtype = next(engine.module.parameters()).dtype
         pixels = batch["pixel_values"].to(self.device, self.dtype, non_blocking=True)
         recon, kl = engine(pixels, torch.Generator(self.device).manual_seed(draw))
-        mse = F.mse_loss(recon.float(), pixels.float())
+        mse = reconstruction_loss(recon.float(), pixels.float(), self.cfg.vae_object_weight)
         return mse + self.cfg.kl_weight * kl.float().mean(), {"train/reconstruction_mse": mse.detach()}
 
     def evaluate(self, engine: Any, batches: Iterable[Batch], step: int) -> Evaluation:
@@ -754,6 +767,16 @@ class VaeTask(DiffusionTask):
     @classmethod
     def check(cls, cfg: Any, manifest: Manifest) -> None:
         check_parts(cfg.diffusion, sources(cfg.diffusion, Path(cfg.run.dir) / "base-model"), cls.objective)
+
+
+def reconstruction_loss(recon: torch.Tensor, pixels: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """MSE, the pixels that differ from the image's border (its top and bottom two rows' median colour,
+    by more than 0.4 in [-1, 1] units) weighted 1 + object_weight, normalised by the mean weight."""
+    if not object_weight:
+        return F.mse_loss(recon, pixels)
+    border = torch.cat([pixels[:, :, :2].flatten(2), pixels[:, :, -2:].flatten(2)], 2).median(2).values
+    weight = 1 + object_weight * ((pixels - border[:, :, None, None]).norm(dim=1, keepdim=True) > 0.4).float()
+    return ((recon - pixels) ** 2 * weight).mean() / weight.mean()
 
 
 @torch.no_grad()
