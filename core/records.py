@@ -21,8 +21,7 @@ from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
-from plumbing.errors import UserError
-from plumbing.files import atomic_write_text
+from plumbing.files import atomic_write_text, write_failed
 
 Record = dict[str, Any]
 
@@ -46,9 +45,7 @@ class PartWriter:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:
-            raise UserError(
-                f"cannot record results in {self.path}: {err.strerror}; rerun to finish"
-            ) from None
+            raise write_failed(self.path, err, then="rerun to finish") from None
 
 
 def _cut_torn_tail(path: Path) -> None:

@@ -77,22 +77,16 @@ def load_config(
         where = str(path)
         cfg = _merge(cfg, _read_yaml(path), where)
     if flags:
-        nested: dict[str, Any] = {}
-        for key, value in flags.items():
-            *parents, leaf = key.split(".")
-            node = nested
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = str(value) if isinstance(value, Path) else value
-        cfg = _merge(cfg, OmegaConf.create(nested), "command-line options")
+        given = {key: str(value) if isinstance(value, Path) else value for key, value in flags.items()}
+        cfg = _merge(cfg, OmegaConf.create(_nested(given)), "command-line options")
     for item in overrides:
-        key, sep, _ = item.partition("=")
+        key, sep, value = item.partition("=")
         if not sep or not _KEY.fullmatch(key):
             raise ConfigError(
                 f"override {item!r}: expected key.sub=value (a dotted key of letters, digits and _)"
             )
-        try:
-            dotlist = OmegaConf.from_dotlist([item])
+        try:  # `key=` is the empty string, as in Hydra (the shell turns key='' into key=)
+            dotlist = OmegaConf.create(_nested({key: ""})) if not value else OmegaConf.from_dotlist([item])
         except (OmegaConfBaseException, yaml.YAMLError, ValueError, IndexError) as err:
             raise ConfigError(f"override {item!r}: cannot parse the value ({_first_line(err)})") from None
         cfg = _merge(cfg, dotlist, f"override {item!r}")
@@ -111,6 +105,18 @@ def load_config(
         raise ConfigError(f"{where}: {_describe(err)}") from None
     except (TypeError, ValueError, IndexError, KeyError, AttributeError) as err:
         raise ConfigError(f"{where}: a value of the wrong shape ({_first_line(err)})") from None
+
+
+def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} → {"a": {"b": 1}}."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
 
 
 def parse_mixed(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -9,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from plumbing.errors import UserError
+from plumbing.errors import LocalError, UserError
 
 _CHUNK = 1 << 20
 
@@ -43,13 +44,24 @@ def publish(tmp: Path, final: Path, durable: bool = True) -> None:
         fsync_dir(final.parent)
 
 
+def write_failed(path: Path, err: OSError, then: str = "") -> LocalError:
+    """A failed write as one line that names the file, says so when the disk is full, and what to do
+    `then`. Local: the rank whose disk filled prints it."""
+    hint = " (disk full?)" if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+    return LocalError(f"cannot write {path}: {err.strerror or err}{hint}" + (f"; {then}" if then else ""))
+
+
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `path` whole or not at all; a failed write (full disk, no permission) is a `LocalError`
+    naming `path`, and the old file, if any, is left as it was."""
     tmp = tmp_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
         publish(tmp, path, durable)
+    except OSError as err:
+        raise write_failed(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
 

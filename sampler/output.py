@@ -13,7 +13,6 @@ inside out/.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -59,11 +58,8 @@ class OutputFolder:
         data = buffer.getvalue()
         try:
             atomic_write_bytes(path, data)
-        except OSError as err:
-            hint = " (disk full?)" if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
-            raise UserError(
-                f"cannot write {path}: {err.strerror}{hint}; the images written so far are kept, rerun to finish"
-            ) from None
+        except UserError as err:
+            raise type(err)(f"{err}; the images written so far are kept, rerun to finish") from None
         return hashlib.sha256(data).hexdigest()
 
     def _intact(self, record: Record) -> bool:
