@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast demo bench lint format docs clean
+.PHONY: setup test test-fast demo bench bench-prompts bench-peer lint format docs clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ bench: setup  ## CPU benchmarks; bench/gpu.py is for a GPU machine
 	$(PY) -m bench.prep
 	$(PY) -m bench.train_overhead
 	$(PY) -m bench.sample
+	$(PY) -m bench.train_diffusion
+
+bench-prompts: demo  ## do the demo's pictures show what their prompts say? (pixel-level check against chance)
+	$(PY) -m bench.prompt_following --model runs/demo-diffusion/export
+
 bench-peer: setup  ## this harness against open_clip 3.3.0's own trainer, side by side (open_clip goes into .venv-peer/)
 	$(PY) -m bench.peer_openclip
 

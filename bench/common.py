@@ -36,6 +36,27 @@ class Target:
         return f"  {self.name:44s} {self.ratio:7.3f}   target {sign} {self.bound:<5g} {'met' if self.met else 'MISSED'}"
 
 
+def flickr8k_prep(raw: Path, out: Path, *settings: str, shard_size: int, workers: int = 1) -> list[list[str]]:
+    """The two `python -m data_prep` commands (arguments after the module) that write a synthetic
+    Flickr8k-format set under `raw` (`settings`: its `synthetic.*` sizes) and shard it into `out`."""
+    tiny_cifar = ["synthetic.cifar_per_batch=10", "synthetic.cifar_test=10"]  # only Flickr8k is used
+    files = ["--images", str(raw / "Flickr8k_Dataset.zip"), "--captions", str(raw / "Flickr8k_text.zip")]
+    return [
+        ["synthetic", "--out", str(raw), "--quiet", *settings, *tiny_cifar],
+        [
+            "flickr8k",
+            *files,
+            "--out",
+            str(out),
+            "--workers",
+            str(workers),
+            "--shard-size",
+            str(shard_size),
+            "--quiet",
+        ],
+    ]
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "host": platform.node(),

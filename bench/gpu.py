@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Target, machine, slug, write_results
+from bench.common import Target, flickr8k_prep, machine, slug, write_results
 
 # Dense bf16 peak, TFLOP/s (vendor data sheets, SXM parts).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -100,49 +100,19 @@ class Drill:
     # ------------------------------------------------------------------ 1. data
 
     def data(self) -> Path:
-        s, raw = self.size, self.work / "raw"
-        self.run(
-            "data-synthetic",
-            [
-                sys.executable,
-                "-m",
-                "data_prep",
-                "synthetic",
-                "--out",
-                str(raw),
-                "--quiet",
-                f"synthetic.flickr_train={s.train}",
-                "synthetic.flickr_dev=16",
-                f"synthetic.flickr_test={s.test}",
-                f"synthetic.flickr_width={s.image}",
-                f"synthetic.flickr_height={s.image}",
-                "synthetic.cifar_per_batch=10",
-                "synthetic.cifar_test=10",
-            ],
-            600,
+        s, out = self.size, self.work / "flickr8k"
+        sizes = [f"synthetic.flickr_{k}={v}" for k, v in (("train", s.train), ("dev", 16), ("test", s.test))]
+        sides = [f"synthetic.flickr_width={s.image}", f"synthetic.flickr_height={s.image}"]
+        commands = flickr8k_prep(
+            self.work / "raw",
+            out,
+            *sizes,
+            *sides,
+            shard_size=max(s.train // 16, 8),
+            workers=max(1, s.workers),
         )
-        out = self.work / "flickr8k"
-        self.run(
-            "data-flickr8k",
-            [
-                sys.executable,
-                "-m",
-                "data_prep",
-                "flickr8k",
-                "--images",
-                str(raw / "Flickr8k_Dataset.zip"),
-                "--captions",
-                str(raw / "Flickr8k_text.zip"),
-                "--out",
-                str(out),
-                "--workers",
-                str(max(1, s.workers)),
-                "--shard-size",
-                str(max(s.train // 16, 8)),
-                "--quiet",
-            ],
-            600,
-        )
+        for step, argv in zip(("data-synthetic", "data-flickr8k"), commands, strict=True):
+            self.run(step, [sys.executable, "-m", "data_prep", *argv], 600)
         return out / "manifest.json"
 
     # ------------------------------------------------------------------ 2. trainer

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from bench.common import Target, machine, slug, write_results
+from bench.common import Target, flickr8k_prep, machine, slug, write_results
 from bench.harness import QUIET, TrainerLoop
 from plumbing.config import load_config
 from plumbing.dist import DistInfo, init_process_group
@@ -135,29 +135,8 @@ def synthetic(root: Path) -> Path:
     """The demo's Flickr8k-format set (3,000 training images of 160×120), through the real commands."""
     from data_prep.cli import main as prep
 
-    raw, out = root / "raw", root / "flickr8k"
-    for argv in (
-        [
-            "synthetic",
-            "--out",
-            str(raw),
-            "--quiet",
-            "synthetic.cifar_per_batch=10",
-            "synthetic.cifar_test=10",
-        ],
-        [
-            "flickr8k",
-            "--images",
-            str(raw / "Flickr8k_Dataset.zip"),
-            "--captions",
-            str(raw / "Flickr8k_text.zip"),
-            "--out",
-            str(out),
-            "--shard-size",
-            "500",
-            "--quiet",
-        ],
-    ):
+    out = root / "flickr8k"
+    for argv in flickr8k_prep(root / "raw", out, shard_size=500):
         with contextlib.redirect_stdout(io.StringIO()):
             if prep(argv) != 0:
                 raise SystemExit("data_prep failed")

@@ -194,7 +194,9 @@ class Embedder:
     """Normalised image and text embeddings of a trainer export (through its heads) or of a plain CLIP
     folder, with the trainer's evaluation preprocessing and tokenisation."""
 
-    def __init__(self, path: str, device: str) -> None:
+    @staticmethod
+    def check(path: str) -> Path:
+        """The folder, if it holds what an Embedder loads (cheap: for checks before anything heavy)."""
         folder = Path(path)
         if not folder.is_dir():
             raise UserError(f"{path}: no such folder (expected a trainer export or a CLIP folder)")
@@ -202,6 +204,10 @@ class Embedder:
             raise UserError(
                 f"{path}: not a trainer export (no {HEADS_CONFIG}) nor a CLIP folder (no config.json)"
             )
+        return folder
+
+    def __init__(self, path: str, device: str) -> None:
+        folder = self.check(path)
         self.model = (
             CLIPFineTuner.from_pretrained(folder)
             if is_export(folder)
@@ -226,14 +232,22 @@ class Embedder:
         return self.collate.normalise(torch.stack([self.transform(p, fixed) for p in pictures]))
 
     @torch.no_grad()
-    def images(self, pictures: list[Image.Image]) -> torch.Tensor:
-        return self.model.encode_image(self.pixels(pictures).to(self.device)).float().cpu()
+    def images(self, pictures: list[Image.Image], chunk: int = 64) -> torch.Tensor:
+        """Embeddings on the CPU, encoded `chunk` pictures at a time (any number fits the device)."""
+        parts = [
+            self.model.encode_image(self.pixels(pictures[i : i + chunk]).to(self.device)).float().cpu()
+            for i in range(0, len(pictures), chunk)
+        ]
+        return torch.cat(parts) if parts else torch.empty(0, self.model.projection_dim)
 
     @torch.no_grad()
-    def texts(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.collate.tokenize(texts)
-        ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
-        return self.model.encode_text(ids, mask).float().cpu()
+    def texts(self, texts: list[str], chunk: int = 256) -> torch.Tensor:
+        parts = []
+        for i in range(0, len(texts), chunk):
+            tokens = self.collate.tokenize(texts[i : i + chunk])
+            ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+            parts.append(self.model.encode_text(ids, mask).float().cpu())
+        return torch.cat(parts) if parts else torch.empty(0, self.model.projection_dim)
 
     def score(self, pictures: list[Image.Image], texts: list[str]) -> list[float]:
         """CLIPScore (Hessel et al. 2021): 100 × max(cos(image, text), 0), pairwise."""
@@ -243,8 +257,8 @@ class Embedder:
         """Of pictures drawn from prompts (picture i from prompts[i]): the mean CLIP score with their own
         prompt, and the CLIP R-precision: the fraction whose own prompt this CLIP ranks first among all
         the distinct prompts (Park et al. 2021's R-precision with R = 1)."""
-        distinct = list(dict.fromkeys(prompts))
-        own = torch.tensor([distinct.index(p) for p in prompts])
+        index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        distinct, own = list(index), torch.tensor([index[p] for p in prompts])
         sim = self.images(pictures) @ self.texts(distinct).t()
         scores = 100 * sim[torch.arange(len(prompts)), own].clamp(min=0)
         return float(scores.mean()), float((sim.argmax(dim=1) == own).float().mean())

@@ -78,8 +78,9 @@ class Records:
         return PartWriter(self.parts / f"{part}.jsonl")
 
     def done(self) -> dict[Hashable, Record]:
-        """Every complete, checked record by key (a later record of the same item wins)."""
-        found: dict[Hashable, Record] = {}
+        """Every complete, checked record by key: of the records of one item, the last that passes
+        `check` (a stale record of an earlier run never hides a good one)."""
+        found: dict[Hashable, list[Record]] = {}
         for part in sorted(self.parts.glob("*.jsonl")) if self.parts.is_dir() else []:
             for line in part.read_text(encoding="utf-8").splitlines():
                 try:
@@ -87,8 +88,13 @@ class Records:
                     key = self.key(record)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a torn last line, or not one of our records
-                found[key] = record
-        return {key: r for key, r in found.items() if self.check(r)}
+                found.setdefault(key, []).append(record)
+        done: dict[Hashable, Record] = {}
+        for key, records in found.items():
+            good = next((r for r in reversed(records) if self.check(r)), None)
+            if good is not None:
+                done[key] = good
+        return done
 
     def merge(self, order: Iterable[Hashable]) -> list[Record]:
         """The manifest: the done records of the items in `order`, in that order, written atomically."""

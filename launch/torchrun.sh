@@ -12,8 +12,10 @@ CONFIG=${CONFIG:-configs/flickr8k.yaml}
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-NPROC=${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
+if [ -z "${NPROC:-}" ]; then  # one process per GPU, else 2 (importing torch to count costs seconds: only when asked)
+  GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+  NPROC=$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m trainer --config "$CONFIG" "$@")
 if [ -n "${DRY_RUN:-}" ]; then

@@ -44,11 +44,22 @@ def publish(tmp: Path, final: Path, durable: bool = True) -> None:
         fsync_dir(final.parent)
 
 
-def write_failed(path: Path, err: OSError, then: str = "") -> LocalError:
-    """A failed write as one line that names the file, says so when the disk is full, and what to do
-    `then`. Local: the rank whose disk filled prints it."""
-    hint = " (disk full?)" if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
-    return LocalError(f"cannot write {path}: {err.strerror or err}{hint}" + (f"; {then}" if then else ""))
+def is_write_error(err: Exception) -> bool:
+    """An OSError, or the RuntimeError that torch.save and safetensors raise when a write fails."""
+    text = str(err).lower()
+    return isinstance(err, OSError) or ("write" in text or "no space" in text or "file too large" in text)
+
+
+def write_failed(path: Path, err: Exception, then: str = "") -> LocalError:
+    """A failed write (an OSError, or the RuntimeError torch.save and safetensors raise) as one line
+    that names the file, says so when the disk is full, and what to do `then`. Local: the rank whose
+    disk filled prints it."""
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    full = full or any(s in str(err) for s in ("No space left", "File too large", "file write failed"))
+    reason = getattr(err, "strerror", None) or " ".join(str(err).split())[:200]
+    return LocalError(
+        f"cannot write {path}: {reason}{' (disk full?)' if full else ''}" + (f"; {then}" if then else "")
+    )
 
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:

@@ -108,6 +108,15 @@ def test_records_that_fail_their_check_are_not_done(tmp_path: Path) -> None:
     assert list(records.done()) == [1]
 
 
+def test_a_stale_record_sorting_last_never_hides_a_good_one(tmp_path: Path) -> None:
+    """An item redone in part a0000-r0000 while an earlier layout's a0000-r0001 still holds its old,
+    no longer valid record: the good one is done (else the item is redone on every rerun)."""
+    records = Records(tmp_path, "m.jsonl", key=lambda r: r["id"], check=lambda r: r["ok"])
+    records.writer("a0000-r0001").append([{"id": 1, "ok": False}])
+    records.writer("a0000-r0000").append([{"id": 1, "ok": True, "new": True}])
+    assert records.done()[1]["new"] and [r["id"] for r in records.merge([1])] == [1]
+
+
 def test_a_manifest_of_another_format_version_is_one_line(tmp_path: Path) -> None:
     raw = {"format_version": FORMAT_VERSION + 1, "dataset": "x", "fingerprint": "f", "splits": {}}
     (tmp_path / "manifest.json").write_text(json.dumps(raw))

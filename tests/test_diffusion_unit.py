@@ -60,6 +60,21 @@ def test_min_snr_weights_are_diffusers_compute_snr_clipped() -> None:
     assert torch.allclose(min_snr_weights(s, 5.0, "v_prediction"), want / (s + 1))
 
 
+def test_min_snr_weights_are_finite_at_a_zero_terminal_snr() -> None:
+    """rescale_betas_zero_snr makes the last timestep's SNR exactly 0: min(SNR, γ)/SNR is 0/0 there;
+    its limit is 1 (a NaN would drop every batch that draws t = 999)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(
+        beta_schedule="scaled_linear", rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+    s = snr(sched.alphas_cumprod, torch.tensor([0, 500, 999]))
+    assert s[-1] == 0
+    weights = min_snr_weights(s, 5.0, "epsilon")
+    assert torch.isfinite(weights).all() and weights[-1] == 1
+    assert torch.allclose(weights[:2], torch.minimum(s[:2], torch.tensor(5.0)) / s[:2])
+
+
 def test_min_snr_weighting_changes_the_loss_as_defined() -> None:
     sched = scheduler()
     latents = torch.randn(3, 4, 8, 8)
@@ -127,6 +142,8 @@ def test_full_ema_joins_zero3_partitions() -> None:
         (["diffusion.caption_dropout=1.5"], "diffusion.caption_dropout: expected a fraction in [0, 1)"),
         (["diffusion.prediction_type=x0"], "diffusion.prediction_type"),
         (["diffusion.preset=sd-v3"], "diffusion.preset"),
+        (["diffusion.eval_prompts=[]"], "diffusion.eval_prompts: expected a non-empty list"),
+        (["diffusion.eval_timesteps=[]"], "diffusion.eval_timesteps: expected a non-empty list"),
         (["train.objective=unet"], 'expected "classification", "contrastive", "vae" or "denoising"'),
     ],
 )

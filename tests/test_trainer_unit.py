@@ -173,3 +173,37 @@ def test_bad_trainer_config_names_the_key(overrides: list[str], needle: str) -> 
 def test_missing_required_values_are_named() -> None:
     with pytest.raises(ConfigError, match="data.manifest: a value is required"):
         load_config(TrainConfig, None, ["train.objective=contrastive", "run.dir=r"])
+
+
+def test_the_step_agreement_is_built_on_the_device_of_the_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under NCCL a collective takes tensors on the GPU only: the [non-finite, stop] flags must sit on
+    the loss's device (a CPU-built flag beside a CUDA loss fails before backward). The meta device
+    stands in for CUDA here."""
+    from types import SimpleNamespace
+
+    import trainer.loop as loop
+
+    seen: list[torch.device] = []
+
+    def all_max(values: torch.Tensor) -> list[float]:
+        seen.append(values.device)
+        return [0.0, 0.0]
+
+    monkeypatch.setattr(loop, "all_max", all_max)
+    loss = torch.zeros((), device="meta")
+    engine = SimpleNamespace(
+        is_gradient_accumulation_boundary=lambda: True,
+        get_lr=lambda: [1e-3],
+        backward=lambda _loss: None,
+        step=lambda: None,
+    )
+    fake = SimpleNamespace(
+        state=SimpleNamespace(epoch=0, micro_in_epoch=0, step=0),
+        cfg=SimpleNamespace(run=SimpleNamespace(seed=0)),
+        rank=0,
+        task=SimpleNamespace(loss=lambda _engine, _batch, _draw: (loss, {}), after_step=lambda _engine: None),
+        signals=SimpleNamespace(requested=False),
+        engine=engine,
+    )
+    result = loop.Loop.micro_step(fake, {})  # type: ignore[arg-type]
+    assert seen == [torch.device("meta")] and result.finite and result.boundary

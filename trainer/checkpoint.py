@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from plumbing.config import require
 from plumbing.dist import DistInfo, barrier
 from plumbing.errors import UserError
-from plumbing.files import atomic_write_json, fsync_dir, read_json
+from plumbing.files import atomic_write_json, fsync_dir, is_write_error, read_json, write_failed
 from trainer import engine as ds
 from trainer.data import Layout
 from trainer.engine import Engine
@@ -115,13 +115,18 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         barrier()
         payload = {"state": asdict(state), "config": config, "param_groups": groups}
-        ds.save_checkpoint(engine, self.root, tag, {"trainer": payload})
-        torch.save(_rng_state(), self.root / tag / f"rng-rank{self.info.rank:05d}.pt")
-        if extra:
-            save_file(
-                {k: v.contiguous() for k, v in extra.items()},
-                str(self.root / tag / extra_name(self.info.rank)),
-            )
+        try:
+            ds.save_checkpoint(engine, self.root, tag, {"trainer": payload})
+            torch.save(_rng_state(), self.root / tag / f"rng-rank{self.info.rank:05d}.pt")
+            if extra:
+                save_file(
+                    {k: v.contiguous() for k, v in extra.items()},
+                    str(self.root / tag / extra_name(self.info.rank)),
+                )
+        except (OSError, RuntimeError) as err:  # a full disk; the complete checkpoints are untouched
+            if not is_write_error(err):
+                raise
+            raise write_failed(self.root / tag, err, then="the earlier checkpoints are kept") from None
         barrier()
         if self.info.is_main:
             atomic_write_json(self.root / tag / STATE, payload)

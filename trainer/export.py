@@ -22,7 +22,14 @@ import yaml
 from plumbing.config import config_from_dict
 from plumbing.dist import DistInfo
 from plumbing.errors import UserError, run_cli
-from plumbing.files import atomic_write_json, atomic_write_text, read_json, tree_digest
+from plumbing.files import (
+    atomic_write_json,
+    atomic_write_text,
+    is_write_error,
+    read_json,
+    tree_digest,
+    write_failed,
+)
 from plumbing.logs import setup_logging
 from trainer.checkpoint import STATE, extra_states
 from trainer.engine import Engine, consolidated_state_dict, live_weights
@@ -46,6 +53,11 @@ def export(checkpoint: Path | None, out: Path, task: Task, overwrite: bool = Tru
         task.export(weights, extra_states(checkpoint), staging)
     except UserError as err:
         raise UserError(f"{checkpoint}: {err}") from None
+    except (OSError, RuntimeError) as err:  # a full disk: the old export, if any, is untouched
+        if not is_write_error(err):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_failed(out, err, then="the checkpoint is kept; free space and export it again") from None
     atomic_write_text(staging / "config.yaml", yaml.safe_dump(payload["config"], sort_keys=False))
     info: dict[str, Any] = {
         "checkpoint": str(checkpoint),

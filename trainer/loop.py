@@ -147,9 +147,8 @@ class Loop:
         s = self.state
         draw = derive_seed(self.cfg.run.seed, "step", s.epoch, s.micro_in_epoch, self.rank)
         loss, scalars = self.task.loss(self.engine, batch, draw)
-        flags = torch.stack(
-            [torch.isfinite(loss.detach()).logical_not(), torch.tensor(self.signals.requested)]
-        )
+        requested = torch.tensor(self.signals.requested, device=loss.device)  # beside the loss: one device
+        flags = torch.stack([torch.isfinite(loss.detach()).logical_not(), requested])
         nonfinite, stop = (v > 0 for v in all_max(flags.float()))
         if nonfinite:
             log.warning(
@@ -250,10 +249,10 @@ def grad_norm(engine: Engine) -> float | torch.Tensor | None:
 
 def params_finite(engine: Engine) -> bool:
     """Whether every rank's parameters (its partition under ZeRO-3) are finite, agreed across ranks."""
-    ok = 1.0
-    for p in engine.module.parameters():
-        data = getattr(p, "ds_tensor", p.data)  # ZeRO-3 keeps this rank's partition there
-        if data.numel() and not bool(torch.isfinite(data).all()):
-            ok = 0.0
-            break
+    flags = [
+        torch.isfinite(data).all()
+        for p in engine.module.parameters()
+        if (data := getattr(p, "ds_tensor", p.data)).numel()  # ZeRO-3 keeps this rank's partition there
+    ]
+    ok = float(torch.stack(flags).all()) if flags else 1.0  # one read of the device, not one per tensor
     return all_min([ok])[0] > 0

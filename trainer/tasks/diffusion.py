@@ -121,8 +121,12 @@ class DiffusionConfig:
         require(self.vae_object_weight >= 0, self, "vae_object_weight", "a weight >= 0")
         require(self.eval_steps >= 1, self, "eval_steps", "an int >= 1")
         require(
-            all(0 <= t < 1000 for t in self.eval_timesteps), self, "eval_timesteps", "timesteps in [0, 1000)"
+            bool(self.eval_timesteps) and all(t >= 0 for t in self.eval_timesteps),
+            self,
+            "eval_timesteps",
+            "a non-empty list of timesteps >= 0 (below the scheduler's num_train_timesteps)",
         )
+        require(bool(self.eval_prompts), self, "eval_prompts", "a non-empty list of prompts")
         require(self.eval_batches >= 0, self, "eval_batches", "an int >= 0")
 
 
@@ -136,9 +140,15 @@ def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
 
 
 def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
-    """Min-SNR-γ weights (Hang et al. 2023) for an MSE on the noise (÷ SNR) or the velocity (÷ SNR + 1)."""
+    """Min-SNR-γ weights (Hang et al. 2023) for an MSE on the noise (÷ SNR) or the velocity (÷ SNR + 1).
+    At SNR 0 (the last timestep of a zero-terminal-SNR schedule) the noise weight min(SNR, γ)/SNR is
+    taken at its limit, 1, not 0/0."""
     clipped = torch.minimum(snr_t, torch.full_like(snr_t, gamma))
-    return clipped / (snr_t + 1 if prediction == "v_prediction" else snr_t)
+    if prediction == "v_prediction":
+        return clipped / (snr_t + 1)
+    return torch.where(
+        snr_t > 0, clipped / snr_t.clamp(min=torch.finfo(snr_t.dtype).tiny), torch.ones_like(snr_t)
+    )
 
 
 def denoising_loss(
@@ -350,8 +360,10 @@ class Ema:
 
     @torch.no_grad()
     def update(self) -> None:
-        for name, p in self.params.items():
-            self.shadow[name].lerp_(self._data(p).float(), 1 - self.decay)
+        current = [self._data(p).float() for p in self.params.values()]  # views where already fp32
+        torch._foreach_lerp_(
+            list(self.shadow.values()), current, 1 - self.decay
+        )  # one call, not one per tensor
 
     def state(self) -> dict[str, torch.Tensor]:
         if not self.partitioned and self.rank != 0:
@@ -364,18 +376,30 @@ class Ema:
                 t.copy_(state[f"ema.{name}"])
 
     @contextlib.contextmanager
-    def swapped_in(self) -> Iterator[None]:
-        """The EMA weights in the module for the duration (evaluation), the trained ones after."""
+    def swapped_in(self, engine: Any) -> Iterator[None]:
+        """The EMA weights in the module for the duration (evaluation), the trained ones after. Every
+        rank must enter it (under ZeRO-3 the swap ends in a gather)."""
         saved = {n: self._data(p).detach().clone() for n, p in self.params.items()}
         with torch.no_grad():
             for n, p in self.params.items():
                 self._data(p).copy_(self.shadow[n])
+        self._regather(engine)
         try:
             yield
         finally:
             with torch.no_grad():
                 for n, p in self.params.items():
                     self._data(p).copy_(saved[n])
+            self._regather(engine)
+
+    def _regather(self, engine: Any) -> None:
+        """ZeRO-3 keeps its small ("persistent") parameters whole on every rank beside their partition,
+        and gathers them again only after an optimizer step: after the partitions change here, gather
+        them as DeepSpeed's stage-3 optimizer does after a step (release, then all-gather)."""
+        persistent = getattr(getattr(engine, "optimizer", None), "persistent_parameters", None)
+        if self.partitioned and persistent:
+            persistent[0].partition(persistent)
+            persistent[0].all_gather(persistent)
 
 
 def full_ema(
@@ -498,6 +522,11 @@ class DiffusionTask:
     def check(cls, cfg: Any, manifest: Manifest) -> None:
         check_captions(manifest, cfg.data.train_split)
         check_parts(cfg.diffusion, sources(cfg.diffusion, Path(cfg.run.dir) / "base-model"), cls.objective)
+        if cfg.diffusion.eval_clip and cls.objective == "denoising":
+            try:
+                Embedder.check(cfg.diffusion.eval_clip)
+            except UserError as err:
+                raise UserError(f"diffusion.eval_clip={err}") from None
 
 
 class DenoisingTask(DiffusionTask):
@@ -520,6 +549,18 @@ class DenoisingTask(DiffusionTask):
             extra.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
         self.noise = load(DDPMScheduler, self.src.scheduler, "noise scheduler", **extra)
         self.prediction = self.noise.config.prediction_type
+        where = Path(self.src.scheduler[0]) / self.src.scheduler[1]
+        if self.prediction not in PREDICTIONS:
+            raise UserError(
+                f"{where}: prediction_type {self.prediction!r}; this trainer learns {' or '.join(PREDICTIONS)} "
+                "(set diffusion.prediction_type)"
+            )
+        steps = self.noise.config.num_train_timesteps
+        if max(self.cfg.eval_timesteps) >= steps:
+            raise UserError(
+                f"diffusion.eval_timesteps={self.cfg.eval_timesteps}: the schedule of {where} has {steps} "
+                f"timesteps; use timesteps below {steps}"
+            )
         self.sampling = DDIMScheduler.from_config(self.noise.config)
         self.prep = DiffusionPrep(self.side, self.cfg.caption_dropout)
         self.collate = DiffusionCollate(self.tokenizer, self.max_length)
@@ -528,6 +569,7 @@ class DenoisingTask(DiffusionTask):
         self.ema: Ema | None = None
         self._pending_ema: dict[str, torch.Tensor] = {}
         self._cache: dict[str, torch.Tensor] = {}  # sample key → the VAE posterior's moments
+        self._embedder: Embedder | None = None  # the eval CLIP, loaded at the first evaluation
 
     def build(self) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel
@@ -603,12 +645,12 @@ class DenoisingTask(DiffusionTask):
         and after a resume), and the eval prompts drawn (CLIP score and R-precision with eval_clip);
         with EMA on, of the EMA weights (those the export holds)."""
         self._ready(engine)
-        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+        with self.ema.swapped_in(engine) if self.ema is not None else contextlib.nullcontext():
             metrics = self.validation_loss(engine, batches)
             pictures = self.draw(engine.module, self.cfg.eval_prompts)
         if self.cfg.eval_clip:
-            embedder = Embedder(self.cfg.eval_clip, self.device)
-            metrics["clip_score"], metrics["r_precision"] = embedder.r_precision(
+            self._embedder = self._embedder or Embedder(self.cfg.eval_clip, self.device)
+            metrics["clip_score"], metrics["r_precision"] = self._embedder.r_precision(
                 pictures, self.cfg.eval_prompts
             )
         grid = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pictures]).float() / 255
