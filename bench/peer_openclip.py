@@ -75,7 +75,8 @@ NOT_HELD = (
     "text padding: this harness pads to the batch's longest caption, open_clip to 77 tokens",
     "the layers: HF CLIPModel's against open_clip's own transformer (nn.MultiheadAttention)",
     "optimizer step: DeepSpeed's engine (ZeRO-0/2) against torch AdamW under DDP",
-    "start-up: this harness checks every shard's sha256 (data.verify, its default); open_clip checks none",
+    "shard checks: this harness checks sizes up front and hashes each shard as it streams it (data.verify, "
+    "its default: sha256); open_clip checks none",
     "end: this harness writes a DeepSpeed checkpoint and an HF export (run.verify_export=false); "
     "open_clip writes epoch_1.pt",
     "shuffling: this harness's buffer holds 1,000 samples; open_clip's 5,000 (it starts at 1,000)",

@@ -207,3 +207,28 @@ def test_the_step_agreement_is_built_on_the_device_of_the_loss(monkeypatch: pyte
     )
     result = loop.Loop.micro_step(fake, {})  # type: ignore[arg-type]
     assert seen == [torch.device("meta")] and result.finite and result.boundary
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_complete_ones(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import trainer.checkpoint as checkpoint
+    from plumbing.errors import LocalError
+
+    def full(_engine, root, tag, _client) -> None:
+        (root / tag).mkdir(parents=True)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.ds, "save_checkpoint", full)
+    info = DistInfo.from_env({})
+    keeper = checkpoint.Checkpointer(checkpoint.CheckpointConfig(), tmp_path / "ckpt", info)
+    done = tmp_path / "ckpt" / "step-00000001"
+    done.mkdir(parents=True)
+    (done / checkpoint.STATE).write_text('{"state": {"step": 1}}')
+    with pytest.raises(
+        LocalError, match=r"cannot write .*step-00000002: No space left on device \(disk full\?\)"
+    ):
+        keeper.save(None, checkpoint.TrainState(step=2), {}, [], {})  # type: ignore[arg-type]
+    assert keeper.complete() == [done]
