@@ -18,7 +18,8 @@ medians, and the median of paired ratios (each harness run over the open_clip ru
 Held constant: the model (a 3.39M-parameter tiny CLIP — vision 64 px, patch 8, width 64, 2 layers,
 2 heads; text width 64, 2 layers, context 77, open_clip's own 49,408-token BPE; GELU; embeddings 64),
 the shards (`python -m data_prep`, read unchanged by both), batch 32 per process, fp32, one loader
-worker, OMP_NUM_THREADS=1, no GPU, AdamW lr 1e-3 (betas 0.9/0.98, eps 1e-6, weight decay 0.1 off
+worker, OMP_NUM_THREADS=1, no GPU, each image's first caption (open_clip's `txt`; this harness's
+data.captions=first), AdamW lr 1e-3 (betas 0.9/0.98, eps 1e-6, weight decay 0.1 off
 biases, norms and the temperature), warm-up 5 steps then cosine, gradient clipping 1.0, the loss
 over the global batch with gathered gradients, a 0.9–1 random resized crop, one epoch, no evaluation,
 one checkpoint at the end. What is not held constant is printed with the table.
@@ -57,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = "openclip-worker"
 BATCH = 32
 STEADY_FROM = 5  # steps before this are start-up (warm-up, first batches, allocator growth)
+LOSS_END = 8  # the end of a run's loss curve: the mean over its last 8 steps
 RSS_EVERY_S = 0.2
 RUN_TIMEOUT_S = 1800
 LOCKED = ("torch", "torchvision", "tensorboard")  # the project's versions (requirements.lock)
@@ -70,11 +72,10 @@ OPTIM = {"lr": 1e-3, "warmup": 5, "wd": 0.1, "beta1": 0.9, "beta2": 0.98, "eps":
 NOT_HELD = (
     "initial weights: each side's own random init (the same shapes; not the same numbers)",
     "this harness adds its projection heads (linear, identity at start): +8,320 parameters",
-    "captions: this harness draws one of each image's 5 captions per epoch (json), open_clip reads the "
-    "first (txt)",
     "text padding: this harness pads to the batch's longest caption, open_clip to 77 tokens",
     "the layers: HF CLIPModel's against open_clip's own transformer (nn.MultiheadAttention)",
-    "optimizer step: DeepSpeed's engine (ZeRO-0/2) against torch AdamW under DDP",
+    "optimizer step: DeepSpeed's engine (ZeRO-0/2) with torch's fused AdamW, against open_clip's torch "
+    "AdamW under DDP (built with torch's defaults: on the CPU, the per-tensor loop)",
     "shard checks: this harness checks sizes up front and hashes each shard as it streams it (data.verify, "
     "its default: sha256); open_clip checks none",
     "end: this harness writes a DeepSpeed checkpoint and an HF export (run.verify_export=false); "
@@ -389,7 +390,7 @@ class Measured:
     anon_mb: list[float] = field(default_factory=list)
     loader_rss_mb: list[float] = field(default_factory=list)
     loss_first: float = 0.0
-    loss_last: float = 0.0
+    loss_end: float = 0.0  # the mean over the last LOSS_END steps (one batch's loss is noisy)
     attempts: int = 1
 
 
@@ -434,6 +435,7 @@ def harness_command(spec: Spec, models: Models, manifest: Path, run_dir: Path) -
         "data.random_crop=true",
         "data.crop_scale_min=0.9",
         "data.hflip=false",
+        "data.captions=first",
         "train.objective=contrastive",
         f"train.batch_size={BATCH}",
         "train.grad_accum=1",
@@ -630,7 +632,7 @@ def measure(spec: Spec, cmd: list[str], run_dir: Path, logs: Path, expected_step
         anon_mb=sorted(t.get("anon", 0.0) for t in trainers),
         loader_rss_mb=sorted(t["rss"] for t in loaders),
         loss_first=losses[0][2],
-        loss_last=losses[-1][2],
+        loss_end=statistics.fmean(v for _, _, v in losses[-LOSS_END:]),
     )
 
 
@@ -727,14 +729,14 @@ def render(table: list[dict[str, Any]], results: list[Measured], models: Models,
                 f"    {_label(r):32s} {_span(m['harness'], '.0f'):>13s} {_span(m['open_clip'], '.0f'):>11s}"
                 f"   {m['ratio']:.2f} ({m['paired']:.2f})"
             )
-    lines.append("  loss at the first and last step (medians); loader worker peak RSS")
+    lines.append(f"  loss at the first step -> mean of the last {LOSS_END} (medians); loader worker peak RSS")
     for side in ("harness", "open_clip"):
         for p in sorted({m.spec.procs for m in results}):
             ms = [m for m in results if m.spec.side == side and m.spec.procs == p]
             loaders = _span([x for m in ms for x in m.loader_rss_mb], ".0f")
             lines.append(
                 f"    {side:10s} {p} process{'es' if p > 1 else ''}: {_med([m.loss_first for m in ms]):.2f}"
-                f" -> {_med([m.loss_last for m in ms]):.2f}; loader {loaders} MB"
+                f" -> {_med([m.loss_end for m in ms]):.2f}; loader {loaders} MB"
             )
     lines.append(
         f"  parameters: this harness {models.hf_params:,} + its heads, open_clip {models.openclip_params:,}"
@@ -795,7 +797,7 @@ def run_all(specs: list[Spec], python: Path, models: Models, manifest: Path, wor
         m = run_once(spec, python, models, manifest, work, samples // (BATCH * spec.procs))
         print(
             f"[{i}/{len(specs)}] {spec.name:24s} {m.samples_per_s:6.0f} samples/s  wall {m.wall_s:5.1f} s"
-            f"  peak RSS {max(m.rss_mb):5.0f} MB  loss {m.loss_first:.2f} -> {m.loss_last:.2f}",
+            f"  peak RSS {max(m.rss_mb):5.0f} MB  loss {m.loss_first:.2f} -> {m.loss_end:.2f}",
             flush=True,
         )
         if spec.round:

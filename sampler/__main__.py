@@ -1,3 +1,4 @@
+from plumbing.process import exit_now
 from sampler.cli import main
 
-raise SystemExit(main())
+exit_now(main())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from core.preprocess import Collate, ImageTransform
 from core.presets import TinyConfig, build_clip
 from core.records import Records
 from plumbing.errors import UserError
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +148,22 @@ def test_a_preset_never_replaces_a_folder_it_did_not_build(tmp_path: Path) -> No
         tmp_path / "fresh", "tiny", TinyDiffusionConfig(image_size=64), TinyConfig()
     )  # its own: rebuilt
     assert (tmp_path / "fresh" / "unet").is_dir()
+
+
+def test_exit_now_runs_atexit_handlers_flushes_and_keeps_the_code(tmp_path: Path) -> None:
+    """The entry points end with plumbing.process.exit_now: what was written and registered still
+    happens (a log file, stdout without a newline, an atexit handler), and the exit code is kept."""
+    log_file = tmp_path / "run.log"
+    code = (
+        "import atexit, logging, sys\n"
+        "from plumbing.process import exit_now\n"
+        f"logging.basicConfig(filename={str(log_file)!r}, level=logging.INFO)\n"
+        "logging.info('logged')\n"
+        "atexit.register(lambda: print(' and the handler ran', end=''))\n"
+        "print('stdout', end='')\n"
+        "exit_now(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "stdout and the handler ran"
+    assert "logged" in log_file.read_text()

@@ -13,6 +13,7 @@ from plumbing.config import ConfigError, load_config
 from plumbing.dist import DistInfo
 from plumbing.errors import UserError
 from trainer.config import TrainConfig
+from trainer.data import pick_caption
 from trainer.engine import lr_lambda, param_groups
 from trainer.plan import train_layout
 from trainer.tasks.clip import retrieval_recall, topk_correct
@@ -161,6 +162,7 @@ def test_freezing_the_last_layers_only(tmp_path) -> None:
         (["train.batch_size=many"], "train.batch_size"),
         (["trian.epochs=3"], "unknown key 'trian'"),
         (["data.verify=md5"], "data.verify"),
+        (["data.captions=random"], 'data.captions: expected "draw" or "first"'),
     ],
 )
 def test_bad_trainer_config_names_the_key(overrides: list[str], needle: str) -> None:
@@ -168,6 +170,16 @@ def test_bad_trainer_config_names_the_key(overrides: list[str], needle: str) -> 
         load_config(
             TrainConfig, None, ["train.objective=contrastive", "data.manifest=m", "run.dir=r", *overrides]
         )
+
+
+def test_captions_are_drawn_per_epoch_or_always_the_first() -> None:
+    def text(draw: int, train: bool, mode: str) -> str:
+        return pick_caption({"meta": {"captions": ["a", "b", "c"]}}, draw, train, mode)["text"]
+
+    assert {text(d, True, "draw") for d in range(30)} == {"a", "b", "c"}
+    assert {text(d, True, "first") for d in range(30)} == {"a"}
+    assert {text(d, False, "draw") for d in range(30)} == {"a"}  # evaluation: the first
+    assert pick_caption({"text": "only"}, 7, True, "draw")["captions"] == ["only"]
 
 
 def test_missing_required_values_are_named() -> None:

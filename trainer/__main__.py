@@ -1,3 +1,4 @@
+from plumbing.process import exit_now
 from trainer.cli import main
 
-raise SystemExit(main())
+exit_now(main())

@@ -67,6 +67,8 @@ class DataConfig:
     """Train augmentation: random horizontal flips (off: captions may say left or right)."""
     max_bad_fraction: float = 0.01
     """More than this fraction of undecodable samples stops the run (they are skipped and counted)."""
+    captions: str = "draw"
+    """Which caption of a multi-caption sample (Flickr8k: 5) trains: "draw" (one per epoch, drawn from the sample's seed: all of them get used) or "first" (always the first, as open_clip reads `txt`). Evaluation uses the first."""
     verify: str = "sha256"
     """Check shards: "sha256" (sizes before training; each shard's sha256 as the loader reads it through), "size", or "none"."""
 
@@ -75,6 +77,7 @@ class DataConfig:
         require(self.shuffle_buffer >= 1, self, "shuffle_buffer", "an int >= 1")
         require(0 < self.crop_scale_min <= 1, self, "crop_scale_min", "a fraction in (0, 1]")
         require(0 <= self.max_bad_fraction < 1, self, "max_bad_fraction", "a fraction in [0, 1)")
+        require(self.captions in ("draw", "first"), self, "captions", '"draw" or "first"')
         require(self.verify in ("sha256", "size", "none"), self, "verify", '"sha256", "size" or "none"')
 
 
@@ -142,12 +145,12 @@ def decode_or_substitute(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str,
         raise RuntimeError(f"the last {pending} samples of a data slot do not decode")
 
 
-def pick_caption(sample: dict[str, Any], draw: int, train: bool) -> dict[str, Any]:
-    """One of the sample's captions as `text` (drawn per epoch in training; the first in evaluation),
-    all of them as `captions`."""
+def pick_caption(sample: dict[str, Any], draw: int, train: bool, mode: str = "draw") -> dict[str, Any]:
+    """One of the sample's captions as `text` (in training with mode "draw", drawn per epoch; else the
+    first), all of them as `captions`."""
     captions = sample.get("meta", {}).get("captions") or ([sample["text"]] if "text" in sample else [])
     if captions:
-        sample["text"] = captions[draw % len(captions)] if train else captions[0]
+        sample["text"] = captions[draw % len(captions)] if train and mode == "draw" else captions[0]
         sample["captions"] = captions
     return sample
 

@@ -171,13 +171,13 @@ class ClipPrep:
     """A decoded sample → uint8 pixels (CLIP's transform; the train one may crop and flip at random,
     drawn from the sample's seed) and one of its captions."""
 
-    def __init__(self, train: ImageTransform, evaluation: ImageTransform) -> None:
-        self.train, self.evaluation = train, evaluation
+    def __init__(self, train: ImageTransform, evaluation: ImageTransform, captions: str = "draw") -> None:
+        self.train, self.evaluation, self.captions = train, evaluation, captions
 
     def __call__(self, sample: dict[str, Any], draw: int, train: bool) -> dict[str, Any]:
         transform = self.train if train else self.evaluation
         sample["pixel_values"] = transform(sample.pop("image"), random.Random(draw))
-        return pick_caption(sample, draw, train)
+        return pick_caption(sample, draw, train, self.captions)
 
 
 class ClipTask:
@@ -195,6 +195,7 @@ class ClipTask:
         self.prep = ClipPrep(
             ImageTransform.of(self.processor, d.random_crop, d.crop_scale_min, d.hflip),
             ImageTransform.of(self.processor),
+            d.captions,
         )
         self.dtype = torch.float32
 

@@ -187,12 +187,12 @@ class DiffusionPrep:
     """A decoded sample → uint8 pixels (short side resized to `side`, centre crop; no flips: captions
     say left and right) and one caption, or the empty one at `dropout` (drawn from the sample's seed)."""
 
-    def __init__(self, side: int, dropout: float) -> None:
-        self.side, self.dropout = side, dropout
+    def __init__(self, side: int, dropout: float, captions: str = "draw") -> None:
+        self.side, self.dropout, self.captions = side, dropout, captions
 
     def __call__(self, sample: dict[str, Any], draw: int, train: bool) -> dict[str, Any]:
         sample["pixel_values"] = square(sample.pop("image"), self.side)
-        sample = pick_caption(sample, draw, train)
+        sample = pick_caption(sample, draw, train, self.captions)
         if train and self.dropout and random.Random(draw ^ 0x5EED).random() < self.dropout:
             sample["text"] = ""
         return sample
@@ -562,7 +562,7 @@ class DenoisingTask(DiffusionTask):
                 f"timesteps; use timesteps below {steps}"
             )
         self.sampling = DDIMScheduler.from_config(self.noise.config)
-        self.prep = DiffusionPrep(self.side, self.cfg.caption_dropout)
+        self.prep = DiffusionPrep(self.side, self.cfg.caption_dropout, cfg.data.captions)
         self.collate = DiffusionCollate(self.tokenizer, self.max_length)
         self.vae = self._vae().to(device).eval().requires_grad_(False)
         self.scaling = self.vae.config.scaling_factor
