@@ -29,7 +29,7 @@ from plumbing.config import load_config
 from plumbing.dist import DistInfo, init_process_group
 from plumbing.logs import setup_logging
 from trainer.config import TrainConfig
-from trainer.engine import lr_lambda, param_groups
+from trainer.engine import adamw, lr_lambda, param_groups
 from trainer.run import RunFolder
 from trainer.tasks.diffusion import denoising_loss
 
@@ -45,9 +45,7 @@ class BareLoop:
         self.unet, self.text = module.unet, module.text_encoder
         self.vae = task.vae.to(device, dtype)
         o = cfg.optim
-        self.opt = torch.optim.AdamW(
-            param_groups(self.unet, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True
-        )  # fused, as the trainer's: the best plain way
+        self.opt = adamw(param_groups(self.unet, o.weight_decay), o)  # the trainer's own optimizer
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(o.warmup_steps, 10**6, 0.0))
         self.clip, self.vae_seconds = o.grad_clip, 0.0
 

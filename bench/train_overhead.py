@@ -36,7 +36,7 @@ from plumbing.config import load_config
 from plumbing.dist import DistInfo, init_process_group
 from plumbing.logs import setup_logging
 from trainer.config import TrainConfig
-from trainer.engine import lr_lambda, param_groups
+from trainer.engine import adamw, lr_lambda, param_groups
 from trainer.run import RunFolder
 from trainer.tasks import make_task
 from trainer.tasks.clip import contrastive_loss
@@ -66,9 +66,7 @@ class BareLoop:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, steps: int) -> None:
         self.model, self.clip = model, cfg.optim.grad_clip
         o = cfg.optim
-        self.opt = torch.optim.AdamW(
-            param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True
-        )  # fused, as the trainer's: the best plain way
+        self.opt = adamw(param_groups(model, o.weight_decay), o)  # the trainer's own optimizer
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(o.warmup_steps, steps, 0.0))
 
     def epoch(self, data: list[dict[str, Any]]) -> None:
