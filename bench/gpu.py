@@ -5,8 +5,13 @@ prints a table.
     python -m bench.gpu                 # one H100/H200 (see bench/gpu_wheels.sh for a bare machine)
     python -m bench.gpu --tiny          # the same code on tiny models, on the CPU (the test suite runs it)
 
-Each step is a real entry point in a subprocess, printed before it runs ($ …); any failure stops the
-drill with the step named and a non-zero exit, never a skipped part:
+Each step is a real entry point in a subprocess, printed before it runs ($ …). A lent GPU comes for
+minutes, rarely, so a failed step never stops the drill: every later step runs, a step that needs an
+earlier one's output is marked "not run" (naming what it needed), and the drill ends with a table of
+every step's outcome and the first lines of each failure's log, exiting non-zero if any step failed.
+`--steps a,b` reruns only the named steps (and what they need); `--budget S` marks the steps that
+would start after S seconds "not run", and stops a step still running a minute later, rather than
+outlive the machine's lease (results file and table are written either way).
 
 1. data: `python -m data_prep synthetic` and `python -m data_prep flickr8k`: Flickr8k-format shards
    of 256×256 JPEGs (decoded and cropped to 224 px by the loader, as real photos would be).
@@ -33,8 +38,10 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,14 +73,60 @@ class Size:
     unet_steps: int
 
 
-GPU = Size("vit-b-32", 256, 8192, 2048, 256, 120, 10, 8, "sd-v1", 512, 25, 16, 8, 30)
+GPU = Size("vit-b-32", 256, 4096, 1024, 256, 60, 10, 8, "sd-v1", 512, 25, 16, 8, 30)
 TINY = Size("tiny", 96, 64, 32, 16, 4, 2, 1, "tiny", 64, 2, 8, 4, 3)
 
 
+class StepFailed(Exception):
+    """A step that did not do its job; `detail` is what the table shows (the log's first lines)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclass
+class Outcome:
+    step: str
+    status: str  # "ok", "failed" or "not run"
+    seconds: float = 0.0
+    detail: str = ""
+
+
 class Drill:
-    def __init__(self, work: Path, size: Size, tiny: bool) -> None:
-        self.work, self.size, self.tiny = work, size, tiny
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    def __init__(self, work: Path, size: Size, tiny: bool, budget: float = float("inf")) -> None:
+        self.work, self.size, self.tiny, self.budget = work, size, tiny, budget
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        self.env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+        self.outcomes: dict[str, Outcome] = {}
+        self.started = time.perf_counter()
+        self.manifest = work / "flickr8k" / "manifest.json"
+
+    def attempt(self, step: str, action: Any, needs: tuple[str, ...] = ()) -> Any:
+        """Run one step and record its outcome; never raises. A step whose `needs` did not all succeed,
+        or that would start after the time budget, is "not run" and says why."""
+        missing = [n for n in needs if n not in self.outcomes or self.outcomes[n].status != "ok"]
+        elapsed = time.perf_counter() - self.started
+        if missing:
+            why = f"needs {', '.join(missing)}, which did not succeed"
+            self.outcomes[step] = Outcome(step, "not run", detail=why)
+        elif elapsed > self.budget:
+            self.outcomes[step] = Outcome(step, "not run", detail=f"time budget of {self.budget:.0f} s spent")
+        else:
+            start = time.perf_counter()
+            try:
+                value = action()
+            except StepFailed as err:
+                self.outcomes[step] = Outcome(step, "failed", time.perf_counter() - start, err.detail)
+            except Exception as err:  # a failure in the drill's own checks is a failed step, not the end
+                detail = "".join(traceback.format_exception(err)[-6:])
+                self.outcomes[step] = Outcome(step, "failed", time.perf_counter() - start, detail)
+            else:
+                self.outcomes[step] = Outcome(step, "ok", time.perf_counter() - start)
+                return value
+        outcome = self.outcomes[step]
+        print(f"  {step}: {outcome.status.upper()}: {outcome.detail.splitlines()[0]}", flush=True)
+        return None
 
     def run(self, step: str, args: list[str], timeout: float) -> str:
         """One real entry point, as a user runs it; its output goes to <work>/logs/<step>.log."""
@@ -81,57 +134,51 @@ class Drill:
         log = self.work / "logs" / f"{step}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
+        timeout = min(timeout, max(10.0, self.budget + 60 - (start - self.started)))
         try:
             proc = subprocess.run(
                 args, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
             )
         except subprocess.TimeoutExpired as err:
-            log.write_text(f"{err.stdout or ''}\n{err.stderr or ''}")
-            raise SystemExit(f"bench.gpu: step {step!r} ran past {timeout:.0f} s (log: {log})") from None
-        log.write_text(proc.stdout + "\n" + proc.stderr)
+            text = _text(err.stdout) + "\n" + _text(err.stderr)
+            log.write_text(text)
+            raise StepFailed(f"ran past {timeout:.0f} s\n{_failure_lines(text)}") from None
+        text = proc.stdout + "\n" + proc.stderr
+        log.write_text(text)
         if proc.returncode != 0:
-            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-            raise SystemExit(
-                f"bench.gpu: step {step!r} failed with exit code {proc.returncode}:\n{tail}\n(log: {log})"
-            )
+            raise StepFailed(f"exit code {proc.returncode}\n{_failure_lines(text)}")
         print(f"  ({time.perf_counter() - start:.1f} s)", flush=True)
-        return proc.stdout + proc.stderr
+        return text
 
     # ------------------------------------------------------------------ 1. data
 
-    def data(self) -> Path:
-        s, out = self.size, self.work / "flickr8k"
+    def data_commands(self) -> list[list[str]]:
+        s = self.size
         sizes = [f"synthetic.flickr_{k}={v}" for k, v in (("train", s.train), ("dev", 16), ("test", s.test))]
         sides = [f"synthetic.flickr_width={s.image}", f"synthetic.flickr_height={s.image}"]
-        commands = flickr8k_prep(
+        return flickr8k_prep(
             self.work / "raw",
-            out,
+            self.manifest.parent,
             *sizes,
             *sides,
             shard_size=max(s.train // 16, 8),
             workers=max(1, s.workers),
         )
-        for step, argv in zip(("data-synthetic", "data-flickr8k"), commands, strict=True):
-            self.run(step, [sys.executable, "-m", "data_prep", *argv], 600)
-        return out / "manifest.json"
+
+    def data(self, index: int) -> None:
+        step = ("data-synthetic", "data-flickr8k")[index]
+        self.run(step, [sys.executable, "-m", "data_prep", *self.data_commands()[index]], 600)
 
     # ------------------------------------------------------------------ 2. trainer
 
-    def trainer_args(self, manifest: Path, run_dir: Path, stage: int, steps: int) -> list[str]:
+    def trainer_args(self, run_dir: Path, stage: int, steps: int) -> list[str]:
         s = self.size
         args = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "1",
-            "-m",
-            "trainer",
+            *_torchrun(1),
             "--config",
             "configs/flickr8k.yaml",
             f"model.preset={s.clip}",
-            f"data.manifest={manifest}",
+            f"data.manifest={self.manifest}",
             f"run.dir={run_dir}",
             f"deepspeed.zero_stage={stage}",
             f"train.batch_size={s.batch}",
@@ -149,57 +196,53 @@ class Drill:
             args += ["deepspeed.precision=fp32", "model.tiny.image_size=64", "model.tiny.patch_size=8"]
         return args
 
-    def trainer(self, manifest: Path, stage: int) -> dict[str, Any]:
-        run_dir = self.work / f"zero{stage}"
-        s = self.size
-        self.run(f"train-zero{stage}", self.trainer_args(manifest, run_dir, stage, s.steps), 900)
-        resumed = self.run(
-            f"resume-zero{stage}",
-            [*self.trainer_args(manifest, run_dir, stage, s.steps + s.more), "resume=auto"],
-            600,
+    def train(self, stage: int) -> None:
+        self.run(
+            f"train-zero{stage}", self.trainer_args(self.work / f"zero{stage}", stage, self.size.steps), 900
         )
+
+    def resume(self, stage: int) -> None:
+        s = self.size
+        args = [*self.trainer_args(self.work / f"zero{stage}", stage, s.steps + s.more), "resume=auto"]
+        resumed = self.run(f"resume-zero{stage}", args, 600)
         if f"step-{s.steps:08d}" not in resumed or "resumed from" not in resumed:
-            raise SystemExit(f"bench.gpu: step 'resume-zero{stage}' did not resume from step {s.steps}")
+            raise StepFailed(f"did not resume from step {s.steps}\n{_failure_lines(resumed)}")
+
+    def export(self, stage: int) -> dict[str, Any]:
+        """The export loads in plain transformers; the run's numbers from its own TensorBoard."""
+        run_dir, s = self.work / f"zero{stage}", self.size
         print(f"$ transformers.CLIPModel.from_pretrained({_short(str(run_dir / 'export'))})", flush=True)
         from transformers import CLIPModel
 
         clip = CLIPModel.from_pretrained(run_dir / "export")
         params = sum(p.numel() for p in clip.parameters())
         scalars = _scalars(run_dir / "tensorboard")
-        rate = _steady(scalars.get("perf/samples_per_s", {}), s.steps)
         return {
-            "samples_per_s": rate,
+            "samples_per_s": _steady(scalars.get("perf/samples_per_s", {}), s.steps),
             "data_wait_fraction": _steady(scalars.get("perf/data_wait_fraction", {}), s.steps),
             "peak_memory_gib": max(scalars.get("perf/peak_memory_mb", {0: 0.0}).values()) / 1024,
             "parameters": params,
             "model_states_gib": 16 * params / 2**30,  # ZeRO paper §3: (2 + 2 + 12)·Ψ bytes on one GPU
-            "flops_per_sample": train_flops_per_sample(self.size.clip, run_dir / "base-model", manifest),
+            "flops_per_sample": train_flops_per_sample(s.clip, run_dir / "base-model", self.manifest),
             "exported_step": json.loads((run_dir / "export" / "export.json").read_text())["step"],
         }
 
-    # ------------------------------------------------------------------ 3. sampler
+    # ------------------------------------------------------------------ 3. text to image
 
-    def unet(self, manifest: Path) -> dict[str, Any]:
+    def unet(self) -> dict[str, Any]:
         """The U-Net training step at the sampler's size: configs/flickr8k-unet.yaml on a random-init
         preset (bf16, ZeRO-2, gradient checkpointing, EMA), evaluation off."""
         s = self.size
         run_dir = self.work / "unet"
         args = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "1",
-            "-m",
-            "trainer",
+            *_torchrun(1),
             "--config",
             "configs/flickr8k-unet.yaml",
             f"diffusion.preset={s.diffusion}",
             "diffusion.model=''",
             "diffusion.text_encoder=''",
             "diffusion.eval_clip=''",
-            f"data.manifest={manifest}",
+            f"data.manifest={self.manifest}",
             f"run.dir={run_dir}",
             f"train.batch_size={s.unet_batch}",
             f"train.max_steps={s.unet_steps}",
@@ -222,52 +265,49 @@ class Drill:
             "peak_memory_gib": max(scalars.get("perf/peak_memory_mb", {0: 0.0}).values()) / 1024,
         }
 
-    def sampler(self) -> dict[str, Any]:
+    def sample(self, batch: int) -> dict[str, float]:
+        """`python -m sampler` against diffusers' pipeline on the same folder: the preset the U-Net step
+        built, or (if that step failed before building it) one the sampler builds there itself."""
         s = self.size
-        model = self.work / "unet" / "base-model"  # the preset the U-Net step built: built once
-        out: dict[str, Any] = {}
-        for batch in (8, 1):
-            prompts = self.work / f"prompts-{batch}.txt"
-            count = s.prompts if batch == 8 else max(2, s.prompts // 4)
-            prompts.write_text(
-                "".join(f"a red circle number {i} on a grey background\n" for i in range(count))
-            )
-            folder = self.work / f"samples-b{batch}"
-            self.run(
-                f"sample-batch{batch}",
-                [
-                    sys.executable,
-                    "-m",
-                    "sampler",
-                    "--config",
-                    "configs/sample.yaml",
-                    f"model={model}",
-                    f"preset={s.diffusion}",
-                    f"prompts=[{prompts}]",
-                    f"out_dir={folder}",
-                    f"batch_size={batch}",
-                    f"steps={s.sample_steps}",
-                    f"height={s.side}",
-                    f"width={s.side}",
-                    "guidance_scale=7.5",
-                    "scheduler=ddim",
-                    "contact_sheet=0",
-                    "tensorboard=false",
-                ],
-                900,
-            )
-            out[f"ours_batch{batch}"] = json.loads((folder / "summary.json").read_text())["images_per_s"]
-            out[f"diffusers_batch{batch}"] = diffusers_rate(model, batch, s)
-            out[f"ratio_batch{batch}"] = out[f"ours_batch{batch}"] / out[f"diffusers_batch{batch}"]
-        if self.size is GPU:
+        model = self.work / "unet" / "base-model"
+        prompts = self.work / f"prompts-{batch}.txt"
+        count = s.prompts if batch == 8 else max(2, s.prompts // 4)
+        prompts.write_text("".join(f"a red circle number {i} on a grey background\n" for i in range(count)))
+        folder = self.work / f"samples-b{batch}"
+        self.run(
+            f"sample-batch{batch}",
+            [
+                sys.executable,
+                "-m",
+                "sampler",
+                "--config",
+                "configs/sample.yaml",
+                f"model={model}",
+                f"preset={s.diffusion}",
+                f"prompts=[{prompts}]",
+                f"out_dir={folder}",
+                f"batch_size={batch}",
+                f"steps={s.sample_steps}",
+                f"height={s.side}",
+                f"width={s.side}",
+                "guidance_scale=7.5",
+                "scheduler=ddim",
+                "contact_sheet=0",
+                "tensorboard=false",
+            ],
+            900,
+        )
+        ours = json.loads((folder / "summary.json").read_text())["images_per_s"]
+        theirs = diffusers_rate(model, batch, s)
+        if torch_cuda():
             import torch
 
             torch.cuda.empty_cache()
-        return out
+        return {"ours": ours, "diffusers": theirs, "ratio": ours / theirs}
 
     # ------------------------------------------------------------------ 4. retrieval
 
-    def retrieval(self, manifest: Path, export: Path) -> dict[str, Any]:
+    def retrieval(self, export: Path) -> dict[str, Any]:
         out = self.work / "captions"
         self.run(
             "retrieval-caption",
@@ -279,11 +319,11 @@ class Drill:
                 "--export",
                 str(export),
                 "--manifest",
-                str(manifest),
+                str(self.manifest),
                 "--split",
                 "test",
                 "--bank",
-                str(manifest),
+                str(self.manifest),
                 "--out",
                 str(out),
                 "batch_size=256",
@@ -292,7 +332,114 @@ class Drill:
             600,
         )
         summary = json.loads((out / "summary.json").read_text())
-        return {"images_per_s": summary["images_per_s"], "images": summary["records"]}
+        return {
+            "images_per_s": summary["images_per_s"],
+            "images": summary["records"],
+            "export": export.parent.name,
+        }
+
+    # ------------------------------------------------------------------ the order
+
+    def all(self, only: set[str] | None = None) -> dict[str, Any]:
+        """Every step in order, each recorded; `only`: these steps, and what they need."""
+        results: dict[str, Any] = {"trainer": {}, "sampler": {}}
+
+        def step(name: str, action: Any, needs: tuple[str, ...] = ()) -> Any:
+            if only is not None and name not in only:
+                return None
+            return self.attempt(name, action, needs)
+
+        step("data-synthetic", lambda: self.data(0))
+        step("data-flickr8k", lambda: self.data(1), ("data-synthetic",))
+        for stage in (2, 3):
+            step(f"train-zero{stage}", lambda st=stage: self.train(st), ("data-flickr8k",))
+            step(f"resume-zero{stage}", lambda st=stage: self.resume(st), (f"train-zero{stage}",))
+            r = step(f"export-zero{stage}", lambda st=stage: self.export(st), (f"resume-zero{stage}",))
+            if r is not None:
+                results["trainer"][f"zero{stage}"] = r
+        results["unet"] = step("train-unet", self.unet, ("data-flickr8k",))
+        for batch in (8, 1):
+            r = step(f"sample-batch{batch}", lambda b=batch: self.sample(b))
+            if r is not None:
+                results["sampler"][f"batch{batch}"] = r
+        exported = [f"export-zero{st}" for st in (2, 3) if self._ok(f"export-zero{st}")]
+        source = exported[0] if exported else "export-zero2"
+        export = self.work / source.removeprefix("export-") / "export"
+        results["retrieval"] = step(
+            "retrieval-caption", lambda: self.retrieval(export), ("data-flickr8k", source)
+        )
+        return results
+
+    def _ok(self, step: str) -> bool:
+        return step in self.outcomes and self.outcomes[step].status == "ok"
+
+
+STEPS = (
+    "data-synthetic data-flickr8k train-zero2 resume-zero2 export-zero2 train-zero3 resume-zero3 "
+    "export-zero3 train-unet sample-batch8 sample-batch1 retrieval-caption"
+).split()
+NEEDS = {  # what --steps adds for a step to have its inputs
+    "data-flickr8k": ["data-synthetic"],
+    "train-zero2": ["data-flickr8k"],
+    "resume-zero2": ["train-zero2"],
+    "export-zero2": ["resume-zero2"],
+    "train-zero3": ["data-flickr8k"],
+    "resume-zero3": ["train-zero3"],
+    "export-zero3": ["resume-zero3"],
+    "train-unet": ["data-flickr8k"],
+    "retrieval-caption": ["export-zero2"],
+}
+
+
+def with_needs(steps: list[str]) -> set[str]:
+    """The named steps and, transitively, the steps whose output they read."""
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise SystemExit(
+            f"bench.gpu: --steps: unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}"
+        )
+    out: set[str] = set()
+    todo = list(steps)
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo += NEEDS.get(name, [])
+    return out
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "trainer",
+    ]
+
+
+def _text(out: str | bytes | None) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
+def _failure_lines(text: str, count: int = 12) -> str:
+    """The lines of a log that say what went wrong: from the first error-looking line, else its end."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    markers = ("Traceback", "Error", "error:", "FAILED", "Killed", "CUDA", "NCCL")
+    first = next((i for i, line in enumerate(lines) if any(m in line for m in markers)), None)
+    chosen = lines[first : first + count] if first is not None else lines[-count:]
+    if lines and lines[-1] not in chosen:  # a traceback's last line is its message
+        chosen += ["…", *lines[-3:]]
+    return "\n".join(chosen)
 
 
 def _short(arg: str) -> str:
@@ -350,7 +497,7 @@ def diffusers_rate(model: Path, batch: int, size: Size) -> float:
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(
-        model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        model, dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to("cuda" if cuda else "cpu")
@@ -375,33 +522,49 @@ def diffusers_rate(model: Path, batch: int, size: Size) -> float:
     return batch / min(once() for _ in range(2))
 
 
-def table(results: dict[str, Any], peak: float) -> tuple[str, list[Target]]:
+def table(results: dict[str, Any], outcomes: list[Outcome], peak: float) -> tuple[str, list[Target]]:
     lines = [f"device: {results['device']}; dense bf16 peak {peak:g} TFLOP/s"]
-    lines.append(
-        f"{'trainer (contrastive, bf16, 1 GPU)':36s} {'samples/s':>10s} {'MFU':>7s} {'peak GiB':>9s} {'states GiB':>10s} {'data-wait':>9s}"
-    )
+    if results["trainer"]:
+        lines.append(
+            f"{'trainer (contrastive, bf16, 1 GPU)':36s} {'samples/s':>10s} {'MFU':>7s} {'peak GiB':>9s} {'states GiB':>10s} {'data-wait':>9s}"
+        )
     for stage, r in results["trainer"].items():
         lines.append(
             f"  {results['clip']} {stage:27s} {r['samples_per_s']:10.1f} {r['mfu']:7.1%} {r['peak_memory_gib']:9.2f} "
             f"{r['model_states_gib']:10.2f} {r['data_wait_fraction']:9.0%}"
         )
-    u = results["unet"]
-    lines.append(
-        f"U-Net training step ({results['sampler_size']}, bf16, ZeRO-2, 1 GPU): {u['samples_per_s']:.1f} samples/s, "
-        f"peak {u['peak_memory_gib']:.1f} GiB, data-wait {u['data_wait_fraction']:.0%}"
-    )
+    u = results.get("unet")
+    if u:
+        lines.append(
+            f"U-Net training step ({results['sampler_size']}, bf16, ZeRO-2, 1 GPU): {u['samples_per_s']:.1f} samples/s, "
+            f"peak {u['peak_memory_gib']:.1f} GiB, data-wait {u['data_wait_fraction']:.0%}"
+        )
     smp = results["sampler"]
     targets = [
-        Target(f"sampler / StableDiffusionPipeline, batch {b}", smp[f"ratio_batch{b}"], 0.97) for b in (8, 1)
+        Target(f"sampler / StableDiffusionPipeline, batch {b[5:]}", r["ratio"], 0.97) for b, r in smp.items()
     ]
-    lines.append(
-        f"sampler ({results['sampler_size']}, {results['sampler_steps']} steps), images/s: ours vs diffusers"
-    )
-    for b in (8, 1):
-        lines.append(f"  batch {b}: {smp[f'ours_batch{b}']:.2f} vs {smp[f'diffusers_batch{b}']:.2f}")
+    if smp:
+        lines.append(
+            f"sampler ({results['sampler_size']}, {results['sampler_steps']} steps), images/s: ours vs diffusers"
+        )
+    for b, r in smp.items():
+        lines.append(f"  batch {b[5:]}: {r['ours']:.2f} vs {r['diffusers']:.2f}")
     lines += [t.line() for t in targets]
-    ret = results["retrieval"]
-    lines.append(f"retrieval caption: {ret['images_per_s']:.1f} images/s over {ret['images']} images")
+    ret = results.get("retrieval")
+    if ret:
+        lines.append(
+            f"retrieval caption ({ret['export']} export): {ret['images_per_s']:.1f} images/s over {ret['images']} images"
+        )
+    lines.append(f"{'step':20s} {'outcome':8s} {'seconds':>8s}")
+    for o in outcomes:
+        lines.append(
+            f"  {o.step:18s} {o.status:8s} {o.seconds:8.1f}"
+            + (f"  {o.detail.splitlines()[0]}" if o.detail else "")
+        )
+    for o in outcomes:
+        if o.status == "failed":
+            lines.append(f"--- {o.step} failed:")
+            lines += ["    " + line for line in o.detail.splitlines()[:16]]
     return "\n".join(lines), targets
 
 
@@ -413,10 +576,20 @@ def main() -> None:
         "--tiny", action="store_true", help="tiny models on the CPU: the same steps, for the tests"
     )
     parser.add_argument(
-        "--out", default="", help="results file (default bench/results/gpu-<device>-<date>.json)"
+        "--out", default="", help="results file or folder (default bench/results/gpu-<device>-<date>.json)"
     )
     parser.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--logs", default="", help="also keep every step's log in this .tar.gz")
+    parser.add_argument(
+        "--steps",
+        default="",
+        help=f"comma-separated steps to run (with what they need); all: {','.join(STEPS)}",
+    )
+    parser.add_argument(
+        "--budget", type=float, default=float("inf"), help="seconds after which no further step starts"
+    )
     args = parser.parse_args()
+    only = with_needs([s for s in args.steps.split(",") if s]) if args.steps else None
     import torch
 
     from plumbing.logs import quiet_hf_progress
@@ -428,37 +601,39 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else machine()["cpu"]
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), float("nan"))
     with tempfile.TemporaryDirectory(dir=args.work or None) as tmp:
-        drill = Drill(Path(tmp), size, args.tiny)
-        started = time.perf_counter()
-        manifest = drill.data()
-        trainer = {f"zero{stage}": drill.trainer(manifest, stage) for stage in (2, 3)}
-        for r in trainer.values():
+        drill = Drill(Path(tmp), size, args.tiny, args.budget)
+        results = drill.all(only)
+        for r in results["trainer"].values():
             r["mfu"] = (
                 r["samples_per_s"] * r["flops_per_sample"] / (peak * 1e12) if peak == peak else float("nan")
             )
-        results: dict[str, Any] = {
-            "device": device,
-            "clip": size.clip,
-            "trainer": trainer,
-            "unet": drill.unet(manifest),
-            "sampler": drill.sampler(),
-            "sampler_size": f"{size.side}×{size.side}",
-            "sampler_steps": size.sample_steps,
-            "retrieval": drill.retrieval(manifest, drill.work / "zero2" / "export"),
-        }
-        results["seconds"] = time.perf_counter() - started
-    text, targets = table(results, peak)
+        results.update(
+            device=device,
+            clip=size.clip,
+            sampler_size=f"{size.side}×{size.side}",
+            sampler_steps=size.sample_steps,
+            seconds=time.perf_counter() - drill.started,
+            steps={
+                o.step: {"status": o.status, "seconds": o.seconds, "detail": o.detail}
+                for o in drill.outcomes.values()
+            },
+        )
+        if args.logs and (drill.work / "logs").is_dir():
+            with tarfile.open(args.logs, "w:gz") as tar:
+                tar.add(drill.work / "logs", arcname="logs")
+    outcomes = list(drill.outcomes.values())
+    text, targets = table(results, outcomes, peak)
     print(text)
     date = datetime.date.today().isoformat()
     name = f"gpu-{slug(device)}-{date}" if not args.tiny else f"gpu-tiny-{date}"
+    out = args.out or ("" if not args.tiny else tempfile.gettempdir())
     path = write_results(
-        name,
-        results,
-        targets,
-        text,
-        args.out or ("" if not args.tiny else str(Path(tempfile.gettempdir()) / f"{name}.json")),
+        name, results, targets, text, str(Path(out) / f"{name}.json") if Path(out).is_dir() else out
     )
     print(f"wrote {path}")
+    failed = [o.step for o in outcomes if o.status == "failed"]
+    if failed:
+        raise SystemExit(f"bench.gpu: {len(failed)} of {len(outcomes)} steps failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
