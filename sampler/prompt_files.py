@@ -137,13 +137,9 @@ def _table(source: Source, options: Options) -> Iterator[Row]:
     dialect: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"delimiter": ","}
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            table = list(_numbered(csv.reader(f, strict=True, **dialect)))
+            table = list(_numbered(csv.reader(f, strict=True, **dialect), path, "TSV" if tsv else "CSV"))
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read prompts ({err})") from None
-    except _CsvError as err:
-        raise UserError(
-            f"{path}:{err.line}: not a valid {'TSV' if tsv else 'CSV'} line ({err.reason})"
-        ) from None
     if not table:
         return
     header_line, header = table[0]
@@ -158,13 +154,8 @@ def _table(source: Source, options: Options) -> Iterator[Row]:
         yield Row(where, number, {"prompt": values[column]}, meta)
 
 
-class _CsvError(Exception):
-    def __init__(self, line: int, reason: str) -> None:
-        self.line, self.reason = line, reason
-
-
-def _numbered(reader: Any) -> Iterator[tuple[int, list[str]]]:
-    """(the line a row starts on, its fields) of every non-blank row."""
+def _numbered(reader: Any, path: Path, kind: str) -> Iterator[tuple[int, list[str]]]:
+    """(the line a row starts on, its fields) of every non-blank row; broken quoting is one line."""
     while True:
         start = reader.line_num + 1
         try:
@@ -172,7 +163,7 @@ def _numbered(reader: Any) -> Iterator[tuple[int, list[str]]]:
         except StopIteration:
             return
         except csv.Error as err:
-            raise _CsvError(reader.line_num, str(err)) from None
+            raise UserError(f"{path}:{reader.line_num}: not a valid {kind} line ({err})") from None
         if values:
             yield start, values
 

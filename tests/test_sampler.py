@@ -306,7 +306,9 @@ def test_a_split_killed_and_rerun_as_two_array_tasks_is_scored_against_its_real_
         PY,
         "-m",
         "sampler",
-        *sampler_args(tiny_sd, out, "steps=2", f"prompts=[{manifest}:test]", "batch_size=1"),
+        *sampler_args(
+            tiny_sd, out, "steps=2", f"prompts=[{manifest}:test]", "batch_size=1", "tensorboard=false"
+        ),
     ]
     proc = subprocess.Popen(args, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -316,9 +318,9 @@ def test_a_split_killed_and_rerun_as_two_array_tasks_is_scored_against_its_real_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.jsonl").exists(), "finished before it was killed"
-    for task in ("0", "1"):  # the rest, as a Slurm array of two would make it
-        array = {"SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_COUNT": "2"}
-        run([*args, f"clip_score={tiny_clip}"], **array)
+    # The rest, as a Slurm array of two makes it; the last task to finish merges and scores them all.
+    run(args, SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_COUNT="2")
+    run([*args, f"clip_score={tiny_clip}"], SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_TASK_COUNT="2")
     records = records_of(out)
     keys = [s["__key__"] for s in read_split(load_manifest(manifest), "test")]
     assert sorted(r["meta"]["key"] for r in records) == sorted(keys)  # one record per sample
