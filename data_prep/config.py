@@ -79,6 +79,8 @@ class SyntheticConfig:
     """Width of the Flickr8k-format JPEGs."""
     flickr_height: int = 120
     """Height of the Flickr8k-format JPEGs."""
+    flickr_object: float = 0.16
+    """Radius of each picture's object, as a fraction of the picture's short side (±15 % jitter)."""
 
     def __post_init__(self) -> None:
         for name in ("cifar_per_batch", "cifar_test", "flickr_train", "flickr_dev", "flickr_test"):
@@ -89,6 +91,7 @@ class SyntheticConfig:
             "flickr_width",
             "images of at least 32×32",
         )
+        require(0.05 <= self.flickr_object <= 0.3, self, "flickr_object", "a fraction in [0.05, 0.3]")
 
 
 @dataclass

@@ -224,7 +224,9 @@ class Scene:
         return [t.format(**words) for t in _CAPTIONS]
 
 
-def flickr_picture(scene: Scene, width: int, height: int, rng: np.random.Generator) -> bytes:
+def flickr_picture(
+    scene: Scene, width: int, height: int, rng: np.random.Generator, radius: float = 0.16
+) -> bytes:
     """A JPEG of `scene`. Objects stay inside the central square, which CLIP's centre crop keeps."""
     side = min(width, height)
     x0, y0 = (width - side) / 2, (height - side) / 2
@@ -235,7 +237,7 @@ def flickr_picture(scene: Scene, width: int, height: int, rng: np.random.Generat
     fx, fy = POSITIONS[scene.position]
     cx = x0 + side * (fx + rng.uniform(-0.04, 0.04))
     cy = y0 + side * (fy + rng.uniform(-0.04, 0.04))
-    r = side * 0.16 * rng.uniform(0.85, 1.15)
+    r = side * radius * rng.uniform(0.85, 1.15)
     fill = tuple(int(np.clip(v + rng.normal(0, 12), 0, 255)) for v in COLOURS[scene.colour])
     if scene.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -271,7 +273,9 @@ def _zip(members: list[tuple[str, bytes]]) -> bytes:
     return raw.getvalue()
 
 
-def flickr_archives(counts: dict[str, int], width: int, height: int, seed: int) -> tuple[bytes, bytes]:
+def flickr_archives(
+    counts: dict[str, int], width: int, height: int, seed: int, radius: float = 0.16
+) -> tuple[bytes, bytes]:
     """The bytes of `Flickr8k_Dataset.zip` and `Flickr8k_text.zip`."""
     rng = np.random.default_rng(derive_seed(seed, "flickr8k"))
     names = _image_names(sum(counts.values()), rng)
@@ -289,7 +293,7 @@ def flickr_archives(counts: dict[str, int], width: int, height: int, seed: int) 
             position=str(rng.choice(list(POSITIONS))),
             background=str(rng.choice(list(BACKGROUNDS))),
         )
-        images.append((f"Flicker8k_Dataset/{name}", flickr_picture(scene, width, height, rng)))
+        images.append((f"Flicker8k_Dataset/{name}", flickr_picture(scene, width, height, rng, radius)))
         tokens += [f"{name}#{i}\t{caption}" for i, caption in enumerate(scene.captions())]
     text = [(TOKEN_FILE, ("\n".join(tokens) + "\n").encode())]
     text += [(SPLIT_FILES[s], ("\n".join(splits[s]) + "\n").encode()) for s in SPLIT_FILES]
@@ -321,7 +325,9 @@ def write_synthetic(out: Path, settings: dict, overwrite: bool) -> dict[str, str
     c = settings
     atomic_write_bytes(files["cifar10"], cifar_archive(c["cifar_per_batch"], c["cifar_test"], c["seed"]))
     counts = {"train": c["flickr_train"], "dev": c["flickr_dev"], "test": c["flickr_test"]}
-    images, text = flickr_archives(counts, c["flickr_width"], c["flickr_height"], c["seed"])
+    images, text = flickr_archives(
+        counts, c["flickr_width"], c["flickr_height"], c["seed"], c["flickr_object"]
+    )
     atomic_write_bytes(files["images"], images)
     atomic_write_bytes(files["captions"], text)
     digests = {f.name: file_digests(f, "sha256")["sha256"] for f in files.values()}
