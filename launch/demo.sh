@@ -6,7 +6,9 @@
 #   4. every run's own evaluation, before and after
 #   5. draw configs/prompts/demo.txt from the U-Net's export; CLIP score and R-precision of the pictures
 #   6. caption a few test images with the fine-tuned CLIP, from the training captions
-# Rerunning it reuses what is done (data, checkpoints, images). DATA, RUNS, SAMPLES, CAPTIONS move outputs.
+# Rerunning it reuses what is done (data, checkpoints, images). DATA, RUNS, SAMPLES, CAPTIONS move outputs;
+# SEED sets every training run's run.seed (heads, data order, augmentations, noise draws) and the
+# tiny models' random initialisation (model.tiny.seed, diffusion.tiny.seed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-.venv/bin/python}
@@ -14,6 +16,7 @@ DATA=${DATA:-data/demo}
 RUNS=${RUNS:-runs}
 SAMPLES=${SAMPLES:-samples/demo}
 CAPTIONS=${CAPTIONS:-captions/demo}
+SEED=${SEED:-0}
 start=$(date +%s)
 stage() { printf '\n== %s  (%ds)\n' "$1" "$(( $(date +%s) - start ))"; }
 
@@ -25,15 +28,15 @@ stage "1/6 data: synthetic CIFAR-10 and Flickr8k in their official formats → W
 
 stage "2/6 train CLIP: CIFAR-10 classification, then Flickr8k contrastive (torchrun, 2 processes, ZeRO-2, CPU)"
 CONFIG=configs/demo-cifar10.yaml NPROC=2 launch/torchrun.sh \
-  "data.manifest=$DATA/cifar10/manifest.json" "run.dir=$RUNS/demo-cifar10"
+  "data.manifest=$DATA/cifar10/manifest.json" "run.dir=$RUNS/demo-cifar10" "run.seed=$SEED" "model.tiny.seed=$SEED"
 CONFIG=configs/demo-flickr8k.yaml NPROC=2 launch/torchrun.sh \
-  "data.manifest=$DATA/flickr8k/manifest.json" "run.dir=$RUNS/demo-flickr8k"
+  "data.manifest=$DATA/flickr8k/manifest.json" "run.dir=$RUNS/demo-flickr8k" "run.seed=$SEED" "model.tiny.seed=$SEED"
 
 stage "3/6 train text-to-image: the tiny VAE, then the tiny U-Net conditioned by the fine-tuned text encoder"
 CONFIG=configs/demo-vae.yaml NPROC=2 launch/torchrun.sh \
-  "data.manifest=$DATA/flickr8k/manifest.json" "run.dir=$RUNS/demo-vae"
+  "data.manifest=$DATA/flickr8k/manifest.json" "run.dir=$RUNS/demo-vae" "run.seed=$SEED" "diffusion.tiny.seed=$SEED"
 CONFIG=configs/demo-diffusion.yaml NPROC=2 launch/torchrun.sh \
-  "data.manifest=$DATA/flickr8k/manifest.json" "run.dir=$RUNS/demo-diffusion" "diffusion.vae=$RUNS/demo-vae/export" \
+  "data.manifest=$DATA/flickr8k/manifest.json" "run.dir=$RUNS/demo-diffusion" "run.seed=$SEED" "diffusion.tiny.seed=$SEED" "diffusion.vae=$RUNS/demo-vae/export" \
   "diffusion.text_encoder=$RUNS/demo-flickr8k/export" "diffusion.eval_clip=$RUNS/demo-flickr8k/export"
 
 stage "4/6 evaluation before and after training (chance: top-1 10 %, R@1 0.2 %, R-precision 1/8)"
