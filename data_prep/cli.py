@@ -52,7 +52,7 @@ from plumbing.logs import setup_logging
 log = logging.getLogger("data_prep")
 
 # Config keys that name where the inputs are, not what shapes the bytes: left out of the fingerprint.
-PATH_KEYS = ("source", "images", "captions", "splits", "root", "shards")
+PATH_KEYS = ("source", "images", "captions", "splits", "root", "shards", "image_root")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -179,6 +179,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split-key", dest="csv.split_key", help="column naming each row's split (default: hash split)"
     )
+    p.add_argument(
+        "--image-root",
+        dest="csv.image_root",
+        help="where relative image paths start (default: the table's folder)",
+    )
     image_options(p)
     common(p)
 
@@ -207,6 +212,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="write the manifest once every task's shards are there")
     p.add_argument("--out", required=True, help="the output folder the tasks wrote into")
+    p.add_argument(
+        "--quiet", action="store_const", const=False, dest="progress", help="(no progress bar to hide)"
+    )
     return top
 
 
@@ -402,7 +410,10 @@ def _coco(cfg: PrepConfig) -> Prepared:
 
 def _csv(cfg: PrepConfig) -> Prepared:
     c = cfg.csv
-    table = read_table(Path(c.source), c.image_key, c.caption_key, c.separator, c.split_key, resize_of(cfg))
+    root = Path(c.image_root) if c.image_root else None
+    table = read_table(
+        Path(c.source), c.image_key, c.caption_key, c.delimiter, c.split_key, resize_of(cfg), root
+    )
     if not c.split_key:
         log.info("no --split-key: using the hash split (75/12.5/12.5 % train/dev/test, see README)")
     return Prepared(

@@ -106,21 +106,25 @@ class CsvConfig:
     """Column with the image path (open_clip's --csv-img-key default)."""
     caption_key: str = "title"
     """Column with the caption (open_clip's --csv-caption-key default)."""
-    separator: str = "\t"
-    """Field separator of .csv/.tsv files: one character; a TAB by default, as open_clip's --csv-separator (write it \\t or tab)."""
+    separator: str = "tab"
+    """Field separator of .csv/.tsv files: one character, or tab (written \\t too); a TAB by default, as open_clip's --csv-separator."""
     split_key: str = ""
     """Column naming each row's split (train, dev, test, …); empty: the hash split (75/12.5/12.5 %)."""
+    image_root: str = ""
+    """Folder that relative image paths resolve against; empty: the table's own folder."""
 
     def __post_init__(self) -> None:
-        self.separator = {"\\t": "\t", "tab": "\t", "TAB": "\t", "comma": ","}.get(
-            self.separator, self.separator
-        )
         require(
-            len(self.separator) == 1 and self.separator not in '"\r\n',
+            len(self.delimiter) == 1 and self.delimiter not in '"\r\n',
             self,
             "separator",
-            "one character, e.g. ',' or a TAB (written \\t or tab)",
+            "one character, e.g. ',' or a TAB (written tab or \\t)",
         )
+
+    @property
+    def delimiter(self) -> str:
+        """The separator as a character ("tab" and a typed backslash-t are a TAB)."""
+        return {"tab": "\t", "TAB": "\t", "\\t": "\t"}.get(self.separator, self.separator)
 
 
 @dataclass
@@ -170,9 +174,9 @@ class SyntheticConfig:
 @dataclass
 class PrepConfig:
     dataset: str = MISSING
-    """What to prepare: cifar10, flickr8k or synthetic (set by the sub-command)."""
+    """What to prepare: cifar10, flickr8k, coco, csv, folder, index or synthetic (set by the sub-command)."""
     out: str = MISSING
-    """Output folder: <split>/ shards, <split>/sizes.json and manifest.json (synthetic: the archives)."""
+    """Output folder: <split>/ shards, <split>/sizes.json and manifest.json (index: no shards; synthetic: the archives)."""
     seed: int = 0
     """Seed for the synthetic data and for choosing one CIFAR prompt template per image."""
     progress: bool = True

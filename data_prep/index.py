@@ -142,7 +142,7 @@ def expand(pattern: str) -> list[Path]:
             found.append(path)
         else:
             absent.append(piece)
-    if absent and len(pieces) > 1:
+    if absent and found:
         raise UserError(
             f"--shards {pattern!r}: {len(absent)} of the {len(pieces)} files it names do not exist "
             f"(first: {absent[0]}): fix the range or the folder"

@@ -56,9 +56,16 @@ class Table:
 
 
 def read_table(
-    path: Path, image_key: str, caption_key: str, separator: str, split_key: str, resize: Resize
+    path: Path,
+    image_key: str,
+    caption_key: str,
+    separator: str,
+    split_key: str,
+    resize: Resize,
+    image_root: Path | None = None,
 ) -> Table:
-    """The table's images, one sample each with all their captions, in splits."""
+    """The table's images, one sample each with all their captions, in splits; relative image paths
+    resolve against `image_root`, else the table's folder."""
     if not path.is_file():
         raise UserError(
             f"{path}: no such file (expected a .csv, .tsv or .jsonl table of images and captions)"
@@ -70,7 +77,11 @@ def read_table(
     keys = (image_key, caption_key, split_key)
     reader = _jsonl_rows if path.suffix.lower() in JSONL else _delimited_rows
     rows, rejected = reader(path, text, keys, separator)
-    folder = path.parent
+    folder = image_root or path.parent
+    if not folder.is_dir():
+        raise UserError(
+            f"{folder}: no such folder (--image-root: where the table's relative image paths start)"
+        )
     grouped, more = _group(rows, path, folder, bool(split_key))
     rejected += more
     relative = {image: os.path.relpath(image, folder) for image in grouped}
@@ -182,7 +193,7 @@ def _delimited_rows(
 
 
 def _missing_column(path: Path, key: str, flag: str, header: list[str], text: str, separator: str) -> str:
-    first = text.split("\n", 1)[0]
+    first = text.splitlines()[0] if text.strip() else ""
     hint = ""
     for other, written in _OTHER_SEPARATORS.items():
         if other != separator and key in [h.strip().strip('"') for h in first.split(other)]:

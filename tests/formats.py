@@ -167,6 +167,7 @@ class CocoFixture:
         self.files: dict[str, dict[str, bytes]] = {}
         self.captions: dict[str, dict[str, list[str]]] = {}  # split → file name → cleaned captions
         self.json: dict[str, dict] = {}
+        self.missing: dict[str, str] = {}  # split → the image its JSON lists but its folder lacks
         ann_id = 1000
         for split, n, base in (("train", train, 100), ("val", val, 900)):
             images, annotations, files, expected = [], [], {}, {}
@@ -185,8 +186,8 @@ class CocoFixture:
             annotations.append({"id": ann_id, "image_id": images[0]["id"], "caption": " \n"})
             annotations.append({"id": ann_id + 1, "image_id": 999999, "caption": "An image nobody listed."})
             ann_id += 2
-            self.missing = f"{base + 5000:012d}.jpg"
-            images.append({"id": base + 5000, "file_name": self.missing, "width": 64, "height": 48})
+            self.missing[split] = f"{base + 5000:012d}.jpg"
+            images.append({"id": base + 5000, "file_name": self.missing[split], "width": 64, "height": 48})
             annotations.append({"id": ann_id, "image_id": base + 5000, "caption": "Its file is gone."})
             ann_id += 1
             self.json[split] = {

@@ -356,21 +356,20 @@ def test_flickr8k_without_split_lists_uses_the_hash_split(
         "image,caption\n" + "".join(f"{n},{c}\n" for n in fx.names for c in ("x", "y"))
     )
     out = tmp_path / "out"
-    assert (
-        run(
-            [
-                "flickr8k",
-                "--images",
-                str(images),
-                "--captions",
-                str(tmp_path / "captions.txt"),
-                "--out",
-                str(out),
-            ],
-            capsys,
-        )[0]
-        == 0
+    code, _, err = run(
+        [
+            "flickr8k",
+            "--images",
+            str(images),
+            "--captions",
+            str(tmp_path / "captions.txt"),
+            "--out",
+            str(out),
+        ],
+        capsys,
     )
+    assert code == 0
+    assert "(75/12.5/12.5 %, see README)" in err  # one percent sign, not "%%"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["split_source"] == "hash of the image name"
     assert sum(s["num_samples"] for s in manifest["splits"].values()) == 39  # all but the corrupt one
@@ -470,7 +469,8 @@ def test_synthetic_is_deterministic_and_official_shaped(
         "synthetic.flickr_test=3",
     ]
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run(["synthetic", "--out", str(a), *small], capsys)[0] == 0
+    code, stdout, _ = run(["synthetic", "--out", str(a), *small], capsys)
+    assert code == 0 and f"--out {tmp_path / 'flickr8k'}" in stdout  # beside the raw files, as the demo does
     assert run(["synthetic", "--out", str(b), *small], capsys)[0] == 0
     for name in ("cifar-10-python.tar.gz", "Flickr8k_Dataset.zip", "Flickr8k_text.zip"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
