@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import webdataset as wds
 from PIL import Image
 
 from core.manifest import Manifest
@@ -87,6 +86,8 @@ def read_ranges(ranges: list[Range]) -> Iterator[dict[str, Any]]:
     its end: a shard changed since data_prep wrote it stops the reader with one line naming it (this
     replaces hashing every shard before step 1, which for a large set outlasts the process group's
     timeout)."""
+    import webdataset as wds  # here, not at the top: data_prep imports this module and needs no torch
+
     for r in ranges:
         with open(r.path, "rb") as f:
             stream = HashingReader(f) if r.sha256 else f

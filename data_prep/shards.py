@@ -377,13 +377,15 @@ def write_dataset(
     if kept:
         log.info("resuming: %d of %d shards already complete and verified", len(kept), len(my_jobs))
     _drop_stale_temporaries(out, my_jobs)
-    todo = [j for j in my_jobs if j.key not in {r.key for r in kept}]
+    done = {r.key for r in kept}
+    todo = [j for j in my_jobs if j.key not in done]
+    units = {j.key: j.units for j in todo}
     bar = progress(sum(j.units for j in my_jobs), f"{dataset} shards", unit, enabled=show_progress)
-    bar.update(sum(j.units for j in my_jobs) - sum(j.units for j in todo))
+    bar.update(sum(j.units for j in my_jobs) - sum(units.values()))
     with _PartLog(out / PARTS / f"task-{task:05d}-of-{tasks:05d}.jsonl", kept) as part:
         for result in writers.run(todo):
             part.append(result)
-            bar.update(next(j.units for j in todo if j.key == result.key))
+            bar.update(units[result.key])
     bar.close()
     manifest = merge(out) if tasks == 1 else None
     return Outcome(manifest, task, tasks, mine, len(jobs), len(kept), len(todo))

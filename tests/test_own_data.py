@@ -530,3 +530,56 @@ def test_prep_sbatch_array_and_its_merge_equal_one_process(files: dict, tmp_path
     )  # config.out
     assert got == ref
     assert "12 samples" in (logs / f"clip-prep-merge-{merge_job}.out").read_text()
+
+
+def test_the_header_walk_counts_what_webdataset_reads(files: dict, tmp_path: Path) -> None:
+    """Indexing walks plain tars by their headers; every sample and member it finds is what the
+    trainer's reader (webdataset's tar_file_expander + group_by_keys) yields, on the formats tar writers
+    produce; anything else goes to webdataset's reader itself."""
+    import gzip
+    import tarfile
+
+    from data_prep.index import _NotPlain, _walk_plain, _walk_webdataset
+    from plumbing.tars import end_of_archive, tar_member
+
+    odd = tmp_path / "odd.tar"
+    with tarfile.open(odd, "w", format=tarfile.GNU_FORMAT) as tar:  # GNU long names, a folder, metadata
+        for name, data in [
+            ("a" * 120 + ".jpg", b"x"),
+            ("a" * 120 + ".TXT", b"long"),
+            ("dir/", None),
+            ("__meta__", b"skip me"),
+            ("noext", b"ignored"),
+            ("dir/b.jpg", b"y"),
+            ("dir/b.json", json.dumps({"captions": ["b"]}).encode()),
+            ("café.png", b"z"),
+        ]:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    pax = tmp_path / "pax.tar"  # data_prep's own writer: PAX headers for long and non-ASCII names
+    body = b"".join(
+        p
+        for name, data in [("k" * 150 + ".jpg", b"1"), ("k" * 150 + ".txt", b"t"), ("ü.webp", b"2")]
+        for p in tar_member(name, data)
+    )
+    pax.write_bytes(body + end_of_archive(len(body)))
+    shards = [*sorted(files["i2d"].glob("*.tar")), odd, pax]
+    for shard in shards:
+        with open(shard, "rb") as f:
+            plain = _walk_plain(f)
+            f.seek(0)
+            exact = _walk_webdataset(f, str(shard))
+        assert [k for k, _ in plain[0]] == [k for k, _ in exact[0]] and plain[1:] == exact[1:], shard
+        for (_, mine), (_, theirs) in zip(plain[0], exact[0]):
+            assert set(mine) == set(theirs) and all(
+                mine[k] == theirs[k] for k in ("txt", "json") if k in mine
+            )
+    zipped = tmp_path / "zipped.tar.gz"
+    zipped.write_bytes(gzip.compress(pax.read_bytes()))
+    with open(zipped, "rb") as f, pytest.raises(_NotPlain):
+        _walk_plain(f)
