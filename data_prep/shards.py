@@ -397,7 +397,7 @@ class _PartLog:
 
     def __init__(self, path: Path, kept: list[ShardResult]) -> None:
         atomic_write_text(path, "".join(_line(r) for r in kept), durable=False)
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
+        self.file = open(path, "a", encoding="utf-8")  # closed in __exit__
 
     def __enter__(self) -> _PartLog:
         return self

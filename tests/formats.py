@@ -321,3 +321,19 @@ def write_img2dataset(root: Path, shards: int = 2, per_shard: int = 5) -> dict[s
         stats = {"count": per_shard, "successes": per_shard, "failed_to_download": 0, "failed_to_resize": 0}
         (root / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
     return captions
+
+
+def write_readme_examples(work: Path) -> None:
+    """The files the README's "Your own data" commands name, in `work` (tests/test_docs.py runs every
+    `python -m data_prep` line of the README there): coco/, train.tsv with its pictures,
+    my-imagefolder/, laion/ (img2dataset shards)."""
+    CocoFixture().write_folders(work / "coco")
+    pictures = work / "pictures"
+    pictures.mkdir()
+    rows = []
+    for i in range(8):
+        (pictures / f"{i:03d}.jpg").write_bytes(picture(i))
+        rows.append(f"pictures/{i:03d}.jpg\tpicture number {i}\n")
+    (work / "train.tsv").write_text("filepath\ttitle\n" + "".join(rows))
+    write_imagefolder(work / "my-imagefolder")
+    write_img2dataset(work / "laion")
