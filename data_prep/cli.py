@@ -29,7 +29,7 @@ from data_prep.flickr8k import index_images, read_captions, read_splits
 from data_prep.folder import read_folder
 from data_prep.images import KEEP, Resize
 from data_prep.index import index_shards
-from data_prep.samples import ImageText, hash_split, meta_json, sample_key
+from data_prep.samples import ImageText, hash_split, sample_key
 from data_prep.shards import (
     Job,
     Outcome,
@@ -380,9 +380,8 @@ def _flickr8k(cfg: PrepConfig) -> Prepared:
                 assigned.add(name)
                 keys[key] = name
                 texts = list(captions.by_image[name])
-                meta = meta_json(name, split, texts)
                 plan.samples.append(
-                    ImageText(key, key, images.refs[name], tuple(texts), meta, resize, f.full_decode)
+                    ImageText(key, key, images.refs[name], tuple(texts), name, split, resize, f.full_decode)
                 )
         plans[split] = plan
     unassigned = sorted(set(usable) - assigned)

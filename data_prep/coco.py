@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from data_prep.images import MISSING, ImageRef, Resize, ignored_member, unsafe_member
-from data_prep.samples import EMPTY_CAPTION, NO_CAPTION, ImageText, clean_caption, meta_json, sample_key
+from data_prep.samples import EMPTY_CAPTION, NO_CAPTION, ImageText, clean_caption, sample_key
 from data_prep.shards import SourceInfo, SplitPlan, describe_source, folder_info, rejection, zip_info
 from plumbing.errors import UserError
 
@@ -90,10 +90,18 @@ def read_coco(root: Path, year: str, resize: Resize) -> CocoSource:
                     )
                 )
             else:
-                meta = meta_json(file_name, split, texts, image_id=image_id)
+                item = f"{split}{year}/{file_name}"
+                extra = (("image_id", image_id),)
                 plan.samples.append(
                     ImageText(
-                        sample_key(name), f"{split}{year}/{file_name}", refs[name], tuple(texts), meta, resize
+                        sample_key(name),
+                        item,
+                        refs[name],
+                        tuple(texts),
+                        file_name,
+                        split,
+                        resize,
+                        extra=extra,
                     )
                 )
         for image_id in sorted(captions):
@@ -119,6 +127,7 @@ def _caption_files(root: Path) -> dict[tuple[str, str], tuple[str, bytes, Source
                 key = (match.group(2), match.group(1))
                 found.setdefault(key, (str(path), path.read_bytes(), describe_source(path, ("sha256",))))
     for archive_path in sorted(root.glob("annotations_trainval*.zip")):
+        info = None
         try:
             with zipfile.ZipFile(archive_path) as archive:
                 for member in archive.infolist():
@@ -126,7 +135,7 @@ def _caption_files(root: Path) -> dict[tuple[str, str], tuple[str, bytes, Source
                     match = _CAPTIONS.fullmatch(pure.name)
                     if match and not ignored_member(pure) and (match.group(2), match.group(1)) not in found:
                         where = f"{archive_path}:{member.filename}"
-                        info = describe_source(archive_path, ("sha256",))
+                        info = info or describe_source(archive_path, ("sha256",))  # once per zip (241 MB)
                         found[(match.group(2), match.group(1))] = (where, archive.read(member), info)
         except (zipfile.BadZipFile, OSError, EOFError) as err:
             raise UserError(f"{archive_path}: not a readable zip ({err}): download it again") from None

@@ -31,7 +31,6 @@ from data_prep.samples import (
     ImageText,
     clean_caption,
     hash_split,
-    meta_json,
     unique_keys,
 )
 from data_prep.shards import SplitPlan, folder_info, rejection
@@ -96,7 +95,8 @@ def read_folder(root: Path, caption_key: str, resize: Resize) -> FolderSource:
                 p,
                 ImageRef("", images[p]),
                 tuple(captions[p]),
-                meta_json(p, split, captions[p]),
+                p,
+                split,
                 resize,
             )
             for p in paths

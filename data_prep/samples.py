@@ -38,17 +38,21 @@ class ImageText:
     item: str  # what a rejection calls it: the image's path as the source names it
     ref: ImageRef
     captions: tuple[str, ...]
-    meta: str  # the json member, serialised once with sorted keys
+    image: str  # the json's "image": the name the source gives it
+    split: str
     resize: Resize = KEEP
     full_decode: bool = False
+    extra: tuple[tuple[str, object], ...] = ()  # more json fields (COCO's image_id)
 
     def members(self) -> dict[str, bytes]:
         ext, data = prepare_image(self.ref.read(), self.resize, self.full_decode)
-        return {ext: data, "txt": self.captions[0].encode(), "json": self.meta.encode()}
-
-
-def meta_json(image: str, split: str, captions: list[str], **extra: object) -> str:
-    return json.dumps({"image": image, "split": split, "captions": captions, **extra}, sort_keys=True)
+        # Built here, in the worker, for this task's samples only (every task plans every sample).
+        meta = {"image": self.image, "split": self.split, "captions": list(self.captions), **dict(self.extra)}
+        return {
+            ext: data,
+            "txt": self.captions[0].encode(),
+            "json": json.dumps(meta, sort_keys=True).encode(),
+        }
 
 
 def clean_caption(text: object) -> str:

@@ -28,7 +28,6 @@ from data_prep.samples import (
     ImageText,
     clean_caption,
     hash_split,
-    meta_json,
     split_name_problem,
     unique_keys,
 )
@@ -101,9 +100,12 @@ def read_table(
         plan = SplitPlan([])
         for image in images:
             captions, _, _ = grouped[image]
-            meta = meta_json(relative[image], split, captions)
             ref = ImageRef("", image)
-            plan.samples.append(ImageText(key_of[image], relative[image], ref, tuple(captions), meta, resize))
+            plan.samples.append(
+                ImageText(
+                    key_of[image], relative[image], ref, tuple(captions), relative[image], split, resize
+                )
+            )
         splits[split] = plan
     return Table(splits, rejected, split_source, {"table": asdict(describe_source(path, ("sha256",)))})
 
