@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import multiprocessing
+import os
 import random
 import shutil
 import tempfile
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=300, help="images decoded per loader-core measurement")
     parser.add_argument("--out", default="", help="results file (default bench/results/prep-<cpu>.json)")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         table = make_input(root / "input", args.images)
@@ -218,6 +220,7 @@ def main() -> None:
         )
         small_kb /= samples_in(small) or 1
     rates.update({f"decode_{k}": v for k, v in decoded.items()})
+    load = (load_before, os.getloadavg()[0])  # other processes on the same cores skew the parallel rows
     targets = [
         Target("data_prep csv, 1 task / floor", rates["one"] / rates["floor"], 0.8),
         Target("data_prep csv, 2 tasks + merge / 1 task", rates["two"] / rates["one"], 1.6),
@@ -237,6 +240,7 @@ def main() -> None:
             f"{'one loader core: decode + CLIP transform, 640×480':52s} {decoded['original']:10.0f}",
             f"{f'one loader core: the same at 256 px ({small_kb:.0f} KiB)':52s} {decoded['256']:10.0f}",
             f"the machine's own parallel-copy speed-up (floor, 2 processes / 1): {rates['floor_two'] / rates['floor']:.3f}",
+            f"load average at the start and the end: {load[0]:.1f}, {load[1]:.1f} ({os.cpu_count()} cores)",
             *[t.line() for t in targets],
         ]
     )
