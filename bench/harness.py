@@ -18,7 +18,8 @@ from trainer.loop import Loop, Parts
 from trainer.monitor import Monitor
 from trainer.plan import Plan
 from trainer.run import RunFolder
-from trainer.tasks import Task, make_task
+from trainer.tasks import make_task
+from trainer.tasks.base import Task
 
 # What a timed loop must not do between steps: checkpoint, evaluate.
 QUIET = (

@@ -31,7 +31,7 @@ from plumbing.logs import setup_logging
 from trainer.config import TrainConfig
 from trainer.engine import adamw, lr_lambda, param_groups
 from trainer.run import RunFolder
-from trainer.tasks.diffusion import denoising_loss
+from trainer.tasks.diffusion.objective import denoising_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 

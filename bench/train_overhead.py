@@ -39,7 +39,7 @@ from trainer.config import TrainConfig
 from trainer.engine import adamw, lr_lambda, param_groups
 from trainer.run import RunFolder
 from trainer.tasks import make_task
-from trainer.tasks.clip import contrastive_loss
+from trainer.tasks.clip.objective import contrastive_loss
 
 BATCH = 64
 ROOT = Path(__file__).resolve().parents[1]

@@ -259,6 +259,12 @@ class Embedder:
         the distinct prompts (Park et al. 2021's R-precision with R = 1)."""
         index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         distinct, own = list(index), torch.tensor([index[p] for p in prompts])
-        sim = self.images(pictures) @ self.texts(distinct).t()
-        scores = 100 * sim[torch.arange(len(prompts)), own].clamp(min=0)
-        return float(scores.mean()), float((sim.argmax(dim=1) == own).float().mean())
+        image_emb, text_emb = self.images(pictures), self.texts(distinct)
+        scores = 100 * (image_emb @ text_emb.t())[torch.arange(len(prompts)), own].clamp(min=0)
+        return float(scores.mean()), float(ranked_first(image_emb, text_emb, own).float().mean())
+
+
+def ranked_first(queries: torch.Tensor, candidates: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Per query (normalised embeddings, a row each): whether candidate `own[i]` is the most similar of
+    all candidates to query i. Its mean is R-precision with R = 1 (Park et al. 2021)."""
+    return (queries @ candidates.t()).argmax(dim=1) == own

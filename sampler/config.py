@@ -23,7 +23,13 @@ class SampleConfig:
     text_encoder: str = ""
     """A trainer export (its text_encoder/ and tokenizer/) to condition on instead of the model's own."""
     prompts: list[str] = MISSING
-    """Prompt files or globs (.txt: a prompt per line; .jsonl: objects with "prompt" and options)."""
+    """Prompt files or globs: .txt (a prompt per line), .jsonl (objects with "prompt" and options), .csv/.tsv (a header row; PartiPrompts, DrawBench), COCO captions .json, or a data_prep split (data/flickr8k/manifest.json:test)."""
+    prompt_column: str = ""
+    """The prompt column of .csv/.tsv files; empty: the first named prompt, prompts, text or caption (any case). Other columns are kept as metadata."""
+    captions: str = "first"
+    """COCO captions and data_prep splits: "first" (an item per image, its first caption) or "all" (an item per caption)."""
+    group_by: str = ""
+    """A metadata column (e.g. PartiPrompts' Category) to break the summary down by: images, mean CLIP score and R-precision per value."""
     out_dir: str = MISSING
     """Output folder: images/, manifest.jsonl, contact_sheet.png, tensorboard/, config.yaml."""
     batch_size: int = 4
@@ -59,7 +65,7 @@ class SampleConfig:
     webdataset: bool = False
     """Also pack the images with their records into WebDataset tars (out_dir/shards/)."""
     clip_score: str = ""
-    """A CLIP folder or trainer export to score each image against its prompt (0-100, CLIPScore)."""
+    """A CLIP folder or trainer export to score each image against its prompt (0-100, CLIPScore) and, for a data_prep split, against its real image."""
 
     def __post_init__(self) -> None:
         require(
@@ -72,4 +78,5 @@ class SampleConfig:
         require(self.scheduler in SCHEDULERS, self, "scheduler", " or ".join(SCHEDULERS))
         require(self.dtype in ("auto", "fp32", "fp16", "bf16"), self, "dtype", "auto, fp32, fp16 or bf16")
         require(self.attention in ("sdpa", "eager"), self, "attention", '"sdpa" or "eager"')
+        require(self.captions in ("first", "all"), self, "captions", '"first" or "all"')
         require(self.contact_sheet >= 0, self, "contact_sheet", "an int >= 0")

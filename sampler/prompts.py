@@ -1,9 +1,13 @@
 """Prompt files → generation items with stable ids and seeds.
 
-`.txt`: one prompt per line; blank lines and `#` comments are skipped. `.jsonl`: one object per line,
-`prompt` required; optional `id`, `negative_prompt`, `seed`, `num_images`, `guidance_scale`, `steps`,
-`width`, `height`. An item's id is given, or made from the file name, the line and the prompt; its
-seed is given, or derived from the global seed and the id. Image k of an item is drawn from
+The files are read by kind (sampler.prompt_files: .txt, .jsonl, .csv/.tsv, COCO captions, a
+data_prep split). `.jsonl` objects need `prompt` and may give `id`, `negative_prompt`, `seed`,
+`num_images`, `guidance_scale`, `steps`, `width`, `height`; every other kind gives the prompt and
+metadata (a table's other columns, a COCO image id, a sample's key and captions), which the item
+carries into its records. An item's id is given; or fixed by its kind (a COCO image id, a shard key);
+or made from the file name, the line or row number and the prompt. Ids are file-name safe and stay
+the same on every read, so reruns, ranks and Slurm array tasks agree on them. An item's seed is
+given, or derived from the global seed and the id. Image k of an item is drawn from
 derive_seed(item seed, k): the same image whatever the batch size, the number of ranks or the order.
 """
 
@@ -11,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 from plumbing.errors import UserError
 from plumbing.files import safe_name
 from plumbing.seeds import derive_seed
+from sampler.prompt_files import KINDS, Options, Reference, Row, Source, rows
 
 OPTIONAL = {
     "id": str,
@@ -49,7 +53,9 @@ class Defaults:
 class Item(Defaults):
     id: str
     prompt: str
-    source: str  # file:line
+    source: str  # file:line, or the COCO image / the split's sample
+    meta: dict[str, Any] = field(default_factory=dict, hash=False)  # columns, image id, key, captions
+    real: Reference | None = None  # the real image the prompt describes, when known
 
 
 @dataclass
@@ -58,69 +64,68 @@ class PromptSet:
     skipped: list[dict[str, str]] = field(default_factory=list)  # bad lines recorded instead of fatal
     files: list[str] = field(default_factory=list)
 
+    def columns(self) -> list[str]:
+        """The metadata columns any item has, in the order first seen."""
+        return list(dict.fromkeys(name for item in self.items for name in item.meta))
 
-def expand(patterns: list[str]) -> list[Path]:
-    """Files and globs, in the order given (each glob sorted); a pattern that matches nothing is an error."""
-    files: list[Path] = []
+
+def expand(patterns: list[str]) -> list[Source]:
+    """Files, globs and manifest splits (`manifest.json:test`), in the order given (each glob sorted);
+    a pattern that matches nothing is an error."""
+    sources: list[Source] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        if not matches or not all(Path(m).is_file() for m in matches):
-            raise UserError(f"prompts: {pattern!r} names no prompt file")
-        files += [Path(m) for m in matches if Path(m) not in files]
-    if not files:
-        raise UserError("prompts: no prompt files given (prompts=[file.txt, …])")
-    return files
+        found = _sources(pattern)
+        sources += [s for s in found if s not in sources]
+    if not sources:
+        raise UserError(f"prompts: no prompt files given (prompts=[file.txt, …]; one of {KINDS})")
+    return sources
 
 
-def read_prompts(patterns: list[str], defaults: Defaults, skip_bad: bool = False) -> PromptSet:
+def _sources(pattern: str) -> list[Source]:
+    if glob.has_magic(pattern):
+        matches = sorted(glob.glob(pattern, recursive=True))
+    else:
+        matches = [pattern]
+        head, _, split = pattern.rpartition(":")
+        if not Path(pattern).exists() and head and split and Path(head).exists():
+            return [Source(Path(head), split)]  # a data_prep manifest (or its folder) and a split
+    if not matches or not all(Path(m).is_file() for m in matches):
+        if Path(pattern).is_dir():
+            raise UserError(
+                f"prompts: {pattern!r} is a folder: name a file, a glob, or a manifest split (DIR:SPLIT)"
+            )
+        raise UserError(f"prompts: {pattern!r} names no prompt file")
+    return [Source(Path(m)) for m in matches]
+
+
+def read_prompts(
+    patterns: list[str], defaults: Defaults, skip_bad: bool = False, options: Options | None = None
+) -> PromptSet:
     result = PromptSet([])
     seen: dict[str, str] = {}
-    for path in expand(patterns):
-        result.files.append(str(path))
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"{path}: cannot read prompts ({err})") from None
-        for lineno, line in enumerate(text.splitlines(), 1):
-            where = f"{path}:{lineno}"
+    for source in expand(patterns):
+        result.files.append(str(source))
+        for row in rows(source, options or Options()):
             try:
-                item = _parse(path, lineno, line, defaults)
+                item = _item(row, source.path, defaults)
             except UserError as err:
                 if not skip_bad:
                     raise
-                result.skipped.append({"line": where, "reason": str(err).split(": ", 1)[-1]})
-                continue
-            if item is None:
+                result.skipped.append({"line": row.where, "reason": str(err).removeprefix(f"{row.where}: ")})
                 continue
             if item.id in seen:
-                raise UserError(f"{where}: id {item.id!r} is already used at {seen[item.id]}")
-            seen[item.id] = where
+                raise UserError(f"{row.where}: id {item.id!r} is already used at {seen[item.id]}")
+            seen[item.id] = row.where
             result.items.append(item)
     if not result.items:
         raise UserError(f"prompts: {', '.join(result.files)} hold no prompts")
     return result
 
 
-def _parse(path: Path, lineno: int, line: str, defaults: Defaults) -> Item | None:
-    where = f"{path}:{lineno}"
-    stripped = line.strip()
-    if path.suffix == ".jsonl":
-        if not stripped:
-            return None
-        try:
-            record: Any = json.loads(stripped)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise UserError(f'{where}: expected a JSON object with a "prompt"')
-        return _item(record, path, lineno, defaults)
-    if not stripped or stripped.startswith("#"):
-        return None
-    return _item({"prompt": stripped}, path, lineno, defaults)
-
-
-def _item(record: dict[str, Any], path: Path, lineno: int, defaults: Defaults) -> Item:
-    where = f"{path}:{lineno}"
+def _item(row: Row, path: Path, defaults: Defaults) -> Item:
+    where, record = row.where, row.record
+    if row.error:
+        raise UserError(f"{where}: {row.error}")
     prompt = record.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError(f'{where}: "prompt" must be a non-empty string')
@@ -144,15 +149,17 @@ def _item(record: dict[str, Any], path: Path, lineno: int, defaults: Defaults) -
         if key in values and values[key] < 1:
             raise UserError(f"{where}: {key!r} must be >= 1, got {values[key]}")
     given = values.get("id")
-    if given is not None and (not given.strip() or safe_name(given) != given):
+    if given is not None and (not given.strip() or safe_name(given, 120) != given):
         raise UserError(f"{where}: id {given!r} must be letters, digits, '.', '_' or '-' (it names files)")
     digest = hashlib.sha1(prompt.encode()).hexdigest()[:8]
-    item_id = given or f"{safe_name(path.stem, 40)}-{lineno:05d}-{digest}"
+    item_id = given or f"{safe_name(path.stem, 40)}-{row.number:05d}-{digest}"
     base = Item(
         **{**asdict(defaults), "seed": derive_seed(defaults.seed, item_id)},
         id=item_id,
         prompt=prompt.strip(),
         source=where,
+        meta=row.meta,
+        real=row.real,
     )
     return replace(base, **{k: v for k, v in values.items() if k != "id"})
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,14 @@ from core.clip import Embedder
 from core.presets import build_diffusion, is_built
 from plumbing.config import save_config, to_dict
 from plumbing.dist import DistInfo, barrier, destroy_process_group, init_process_group
+from plumbing.errors import UserError
 from plumbing.files import atomic_write_json, tree_digest
 from plumbing.logs import progress, setup_logging
 from sampler.config import SampleConfig
+from sampler.evaluate import evaluate, groups_table, scalars
 from sampler.output import OutputFolder
 from sampler.pipeline import LatentDiffusion, Request, load_components, resolve_dtype
+from sampler.prompt_files import Options
 from sampler.prompts import Defaults, Item, image_seed, read_prompts
 
 log = logging.getLogger("sampler")
@@ -79,7 +82,13 @@ def _sample(cfg: SampleConfig, info: DistInfo, device: str) -> int:
         cfg.height or size,
         cfg.width or size,
     )
-    prompts = read_prompts(list(cfg.prompts), defaults, cfg.skip_bad_lines)
+    options = Options(cfg.prompt_column, all_captions=cfg.captions == "all")
+    prompts = read_prompts(list(cfg.prompts), defaults, cfg.skip_bad_lines, options)
+    if cfg.group_by and cfg.group_by not in prompts.columns():
+        columns = ", ".join(prompts.columns()) or "none: .txt and .jsonl items have no metadata"
+        raise UserError(
+            f"group_by={cfg.group_by!r}: no prompt has that column (the prompts' columns: {columns})"
+        )
     for bad in prompts.skipped:
         log.warning("skipped %s: %s", bad["line"], bad["reason"])
     jobs = [Job(item, k, image_seed(item, k)) for item in prompts.items for k in range(item.num_images)]
@@ -174,6 +183,10 @@ def record(
         "seconds": round(seconds, 4),
         **provenance,
     }
+    if item.meta:
+        out["meta"] = item.meta
+    if item.real is not None:
+        out["real_image"] = asdict(item.real)
     if score is not None:
         out["clip_score"] = round(score, 4)
     return out
@@ -216,44 +229,56 @@ def finish(
     scorer: Embedder | None,
 ) -> None:
     sheet = out.contact_sheet(merged, cfg.contact_sheet)
-    if cfg.tensorboard and merged:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out.root / "tensorboard"))
-        if sheet:
-            writer.add_image(
-                "contact_sheet", np.asarray(Image.open(sheet).convert("RGB")), 0, dataformats="HWC"
-            )
-        for r in merged[:16]:
-            writer.add_image(
-                f"images/{r['id']}_{r['k']}",
-                np.asarray(Image.open(out.root / r["file"]).convert("RGB")),
-                0,
-                dataformats="HWC",
-            )
-        writer.close()
     if cfg.webdataset and merged:
         out.shards(merged)
-    scores = [r["clip_score"] for r in merged if "clip_score" in r]
     seconds = sum(r["seconds"] for r in merged)  # in the pipeline: saving and scoring aside
     summary = {
         "requested": requested,
         "done": len(merged),
         "images_per_s": round(len(merged) / seconds, 4) if seconds else 0.0,
         "skipped_lines": skipped,
+        **evaluate(out.root, merged, scorer, cfg.group_by),
         "config": to_dict(cfg),
     }
-    if scores:
-        summary["clip_score"] = {"mean": sum(scores) / len(scores), "min": min(scores), "max": max(scores)}
-        if scorer is not None and len({r["prompt"] for r in merged}) > 1:
-            pictures = [Image.open(out.root / r["file"]).convert("RGB") for r in merged]
-            _, summary["r_precision"] = scorer.r_precision(pictures, [r["prompt"] for r in merged])
+    if cfg.tensorboard and merged:
+        tensorboard(out, merged, sheet, summary)
     atomic_write_json(out.root / "summary.json", summary)
+    print(report(out, merged, requested, sheet, summary))
+
+
+def tensorboard(out: OutputFolder, merged: list[dict[str, Any]], sheet: Path | None, summary: dict) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out.root / "tensorboard"))
+    if sheet:
+        writer.add_image("contact_sheet", np.asarray(Image.open(sheet).convert("RGB")), 0, dataformats="HWC")
+    for r in merged[:16]:
+        writer.add_image(
+            f"images/{r['id']}_{r['k']}",
+            np.asarray(Image.open(out.root / r["file"]).convert("RGB")),
+            0,
+            dataformats="HWC",
+        )
+    for tag, value in scalars(summary).items():
+        writer.add_scalar(tag, value, 0)
+    if "groups" in summary:
+        writer.add_text("groups", groups_table(summary), 0)
+    writer.close()
+
+
+def report(
+    out: OutputFolder, merged: list[dict[str, Any]], requested: int, sheet: Path | None, summary: dict
+) -> str:
     line = f"{len(merged)} of {requested} images in {out.images}; manifest {out.root / 'manifest.jsonl'}"
     if sheet:
         line += f"; contact sheet {sheet}"
-    if scores:
+    if "clip_score" in summary:
         line += f"; mean CLIP score {summary['clip_score']['mean']:.2f}"
-    if "r_precision" in summary:
+    if summary.get("r_precision") is not None:
         line += f"; CLIP R-precision {summary['r_precision']:.1%} among {len({r['prompt'] for r in merged})} prompts"
-    print(line)
+    real = summary.get("real_image", {})
+    if real.get("similarity"):
+        line += f"; CLIP similarity to the real images {real['similarity']['mean']:.3f}"
+    if "groups" in summary:
+        line += f"; {len(summary['groups']['values'])} groups by {summary['groups']['by']} in summary.json"
+    return line

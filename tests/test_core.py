@@ -44,7 +44,7 @@ def pictures() -> list[Image.Image]:
 def test_sampler_retrieval_and_the_trainers_evaluation_embed_alike(export: Path) -> None:
     """The sampler's CLIP score and retrieval both use core.clip.Embedder; the trainer's evaluation
     runs the engine on its own eval preprocessing and collate. Same image, same text: same embedding."""
-    from trainer.tasks.clip import ClipPrep
+    from trainer.tasks.clip.tasks import ClipPrep
 
     embedder = Embedder(str(export), "cpu")
     texts = ["A red circle on the left on a black background .", "a cat"]

@@ -8,15 +8,9 @@ from PIL import Image
 
 from plumbing.config import ConfigError, load_config
 from trainer.config import TrainConfig
-from trainer.tasks.diffusion import (
-    DiffusionCollate,
-    DiffusionPrep,
-    denoising_loss,
-    full_ema,
-    min_snr_weights,
-    snr,
-    square,
-)
+from trainer.tasks.diffusion.data import DiffusionCollate, DiffusionPrep, square
+from trainer.tasks.diffusion.ema import full_ema
+from trainer.tasks.diffusion.objective import denoising_loss, min_snr_weights, snr
 
 
 def scheduler(prediction: str = "epsilon"):

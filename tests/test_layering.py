@@ -91,3 +91,70 @@ def test_the_scan_sees_a_direct_collective(tmp_path: Path) -> None:
         "import torch\nimport torch.distributed as dist\n\ndef f(t):\n    torch.distributed.all_reduce(t)\n"
     )
     assert len(distributed_calls(tmp_path / "m.py")) == 2
+
+
+def trainer_graph() -> dict[str, set[str]]:
+    """trainer's modules and the trainer modules each imports (at any depth of the file, TYPE_CHECKING
+    blocks included: an import there is still a dependency a reader follows)."""
+    modules = {}
+    for path in python_files("trainer"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for _, module in imported_modules(path):
+            # `from trainer.tasks.base import Task` lists trainer.tasks.base and trainer.tasks.base.Task
+            while module and module not in modules:
+                module = module.rpartition(".")[0]
+            if module and module != name:
+                found.add(module)
+        graph[name] = found
+    return graph
+
+
+def a_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of the graph, as the modules along it (empty when there is none)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def test_trainer_imports_run_one_way() -> None:
+    """No import cycle inside trainer/: trainer.config imports each section's config, and nothing
+    those import imports trainer.config back (the configs are leaves; the tasks sit above them)."""
+    cycle = a_cycle(trainer_graph())
+    assert not cycle, " → ".join(cycle)
+
+
+def test_the_configs_import_no_task_and_no_harness_above_them() -> None:
+    graph = trainer_graph()
+    below, todo = set(), ["trainer.config"]
+    while todo:
+        for module in graph[todo.pop()] - below:
+            below.add(module)
+            todo.append(module)
+    above = {"trainer.plan", "trainer.loop", "trainer.train", "trainer.tasks", "trainer.cli"}
+    tasks = {m for m in graph if m.startswith("trainer.tasks.") and not m.endswith((".config", ".base"))}
+    assert not below & (above | tasks), sorted(below & (above | tasks))
+
+
+def test_the_cycle_check_sees_a_cycle() -> None:
+    assert a_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert a_cycle({"a": {"b"}, "b": set()}) == []

@@ -165,7 +165,7 @@ def test_a_nonfinite_micro_batch_is_dropped_before_deepspeed_sees_it(tmp_path: P
     from trainer.config import TrainConfig
     from trainer.engine import BatchSizes, build_engine, teardown
     from trainer.loop import Loop, StopSignals
-    from trainer.tasks.clip import build_finetuner
+    from trainer.tasks.clip.model import build_finetuner
 
     build_clip(tmp_path / "clip", "tiny", TinyConfig())
     init_process_group(DistInfo.from_env({}))

@@ -1,9 +1,11 @@
 """The sampler: equality with diffusers' own pipeline, per-image determinism, bulk runs that survive
-kills, prompt-file errors, and the fine-tuned text encoder swapped in."""
+kills, prompt-file errors, the fine-tuned text encoder swapped in, and prompt files by kind end to end
+(the readers themselves: tests/test_prompt_files.py)."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import signal
 import subprocess
@@ -15,11 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from core.presets import TinyConfig, TinyDiffusionConfig, build_diffusion
+from core.clip import Embedder
+from core.manifest import load_manifest
+from core.presets import TinyConfig, TinyDiffusionConfig, build_clip, build_diffusion
+from core.shards import image_bytes, read_split
 from plumbing.errors import UserError
 from sampler.pipeline import SCHEDULERS, LatentDiffusion, Request, load_components
 from sampler.prompts import Defaults, read_prompts
-from tests.helpers import PY, ROOT, env, run, sampler_args, torchrun, trainer_args
+from tests.helpers import PY, ROOT, env, run, sampler_args, scalars, torchrun, trainer_args
+from tests.test_prompt_files import PARTI
 
 CLIP = TinyConfig(image_size=64, patch_size=8)  # the demo-flickr8k tiny CLIP
 DEFAULTS = Defaults(
@@ -248,3 +254,87 @@ def test_eager_attention_and_webdataset_output(tiny_sd: Path, tmp_path: Path) ->
     for sample in samples:
         record = json.loads(sample["json"])
         assert sample["png"] == (sdpa / record["file"]).read_bytes()
+
+
+# --------------------------------------------------------------------------- prompt files by kind, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny CLIP folder: enough to score pictures (clip_score=…) with the real embedder."""
+    folder = tmp_path_factory.mktemp("clip") / "clip"
+    build_clip(folder, "tiny", CLIP)
+    return folder
+
+
+def records_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.smoke
+def test_partiprompts_summary_groups_by_category(tiny_sd: Path, tiny_clip: Path, tmp_path: Path) -> None:
+    tsv, out = tmp_path / "PartiPrompts.tsv", tmp_path / "out"
+    tsv.write_text(PARTI)
+    args = sampler_args(tiny_sd, out, "steps=1", f"prompts=[{tsv}]", f"clip_score={tiny_clip}")
+    refused = run([PY, "-m", "sampler", *args, "group_by=Categroy"], check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        "sampler: error: group_by='Categroy': no prompt has that column "
+        "(the prompts' columns: Category, Challenge, Note)"
+    )
+    run([PY, "-m", "sampler", *args, "group_by=Category", "num_images=2"])
+    records = records_of(out)
+    assert len(records) == 10 and records[4]["meta"]["Category"] == "Illustrations"
+    summary = json.loads((out / "summary.json").read_text())
+    groups = summary["groups"]["values"]
+    assert list(groups) == ["Animals", "Illustrations", "World Knowledge"]
+    for name, entry in groups.items():
+        mine = [r["clip_score"] for r in records if r["meta"]["Category"] == name]
+        assert entry["images"] == len(mine) and entry["clip_score"] == pytest.approx(sum(mine) / len(mine))
+        assert 0 <= entry["r_precision"] <= 1
+    weighted = sum(g["images"] * g["r_precision"] for g in groups.values()) / len(records)
+    assert weighted == pytest.approx(summary["r_precision"])
+    tensorboard = scalars(out / "tensorboard", "groups/clip_score/World Knowledge")
+    assert tensorboard[0] == pytest.approx(groups["World Knowledge"]["clip_score"])
+
+
+@pytest.mark.smoke
+def test_a_split_killed_and_rerun_as_two_array_tasks_is_scored_against_its_real_images(
+    small_data: dict[str, Path], tiny_sd: Path, tiny_clip: Path, tmp_path: Path
+) -> None:
+    manifest, out = small_data["flickr8k"], tmp_path / "out"
+    args = [
+        PY,
+        "-m",
+        "sampler",
+        *sampler_args(
+            tiny_sd, out, "steps=2", f"prompts=[{manifest}:test]", "batch_size=1", "tensorboard=false"
+        ),
+    ]
+    proc = subprocess.Popen(args, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "images").is_dir() or len(list((out / "images").glob("*.png"))) < 3:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.jsonl").exists(), "finished before it was killed"
+    # The rest, as a Slurm array of two makes it; the last task to finish merges and scores them all.
+    run(args, SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_COUNT="2")
+    run([*args, f"clip_score={tiny_clip}"], SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_TASK_COUNT="2")
+    records = records_of(out)
+    keys = [s["__key__"] for s in read_split(load_manifest(manifest), "test")]
+    assert sorted(r["meta"]["key"] for r in records) == sorted(keys)  # one record per sample
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(Path(r["file"]).name for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    real = summary["real_image"]
+    assert real["compared"] == 48 and real["missing"] == [] and 0 <= real["r_precision"] <= 1
+    # Each picture against its own real photo, recomputed here from the files.
+    embedder = Embedder(str(tiny_clip), "cpu")
+    photos = {s["__key__"]: image_bytes(s) for s in read_split(load_manifest(manifest), "test")}
+    made = embedder.images([Image.open(out / r["file"]) for r in records])
+    truth = embedder.images([Image.open(io.BytesIO(photos[r["meta"]["key"]])) for r in records])
+    cosines = (made * truth).sum(-1)
+    assert real["similarity"]["mean"] == pytest.approx(float(cosines.mean()), abs=1e-5)
+    assert real["similarity"]["min"] == pytest.approx(float(cosines.min()), abs=1e-5)
+    hits = (made @ truth.t()).argmax(dim=1) == torch.arange(len(records))
+    assert real["r_precision"] == pytest.approx(float(hits.float().mean()))

@@ -16,7 +16,7 @@ from trainer.config import TrainConfig
 from trainer.data import pick_caption
 from trainer.engine import lr_lambda, param_groups
 from trainer.plan import train_layout
-from trainer.tasks.clip import retrieval_recall, topk_correct
+from trainer.tasks.clip.objective import retrieval_recall, topk_correct
 
 
 def test_topk_correct_on_known_logits() -> None:
@@ -134,7 +134,8 @@ def test_lr_warms_up_then_decays_to_the_floor() -> None:
 
 def test_freezing_the_last_layers_only(tmp_path) -> None:
     from core.presets import TinyConfig, build_clip
-    from trainer.tasks.clip import ModelConfig, build_finetuner, freeze
+    from trainer.tasks.clip.config import ModelConfig
+    from trainer.tasks.clip.model import build_finetuner, freeze
 
     build_clip(tmp_path, "tiny", TinyConfig())
     cfg = ModelConfig(preset="tiny", vision_trainable_layers=1, freeze_text=True)

@@ -36,8 +36,7 @@ from plumbing.config import require
 from plumbing.seeds import derive_seed
 
 if TYPE_CHECKING:
-    from trainer.plan import Plan
-    from trainer.tasks import Task
+    from trainer.tasks.base import Task
 
 log = logging.getLogger("trainer.data")
 
@@ -314,11 +313,19 @@ class TrainData:
 
     @classmethod
     def of(
-        cls, cfg: DataConfig, manifest: Manifest, plan: Plan, rank: int, seed: int, task: Task, device: str
+        cls,
+        cfg: DataConfig,
+        manifest: Manifest,
+        layout: Layout,
+        micro_per_epoch: int,
+        rank: int,
+        seed: int,
+        task: Task,
+        device: str,
     ) -> TrainData:
-        """Rank `rank`'s data as `plan` lays it out, preprocessed and batched by `task`."""
+        """Rank `rank`'s data as the plan lays it out, preprocessed and batched by `task`."""
         pin = device.startswith("cuda")
-        return cls(cfg, manifest, plan.layout, plan.micro_per_epoch, rank, seed, task.prep, task.collate, pin)
+        return cls(cfg, manifest, layout, micro_per_epoch, rank, seed, task.prep, task.collate, pin)
 
     def epoch(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
         """The micro-batches of `epoch` from number `start` on (those before were trained already)."""

@@ -11,7 +11,7 @@ import torch
 
 from plumbing.config import require
 from trainer.engine import Engine
-from trainer.tasks import Evaluation, Task
+from trainer.tasks.base import Evaluation, Task
 
 
 @dataclass

@@ -33,7 +33,7 @@ from plumbing.files import (
 from plumbing.logs import setup_logging
 from trainer.checkpoint import STATE, extra_states
 from trainer.engine import Engine, consolidated_state_dict, live_weights
-from trainer.tasks import Task
+from trainer.tasks.base import Task
 
 log = logging.getLogger("trainer.export")
 

@@ -25,7 +25,7 @@ from trainer.engine import Engine, group_names
 from trainer.evaluate import Evaluator
 from trainer.monitor import Monitor, StepStats, Stopwatch
 from trainer.plan import Plan
-from trainer.tasks import Batch, Task
+from trainer.tasks.base import Batch, Task
 
 log = logging.getLogger("trainer")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; run again (or requeue) to continue

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from plumbing.logs import progress
-from trainer.tasks import Evaluation
+from trainer.tasks.base import Evaluation
 
 log = logging.getLogger("trainer")
 

@@ -29,7 +29,8 @@ from trainer.loop import Loop, Parts
 from trainer.monitor import Monitor
 from trainer.plan import plan
 from trainer.run import RunFolder
-from trainer.tasks import Task, make_task
+from trainer.tasks import make_task
+from trainer.tasks.base import Task
 
 log = logging.getLogger("trainer")
 
@@ -48,7 +49,16 @@ def train(cfg: TrainConfig) -> int:
         if info.is_main:
             save_config(cfg, run.config)
         task = make_task(cfg, run, info, device)  # 3. the task: model, preprocessing, loss, export
-        data = TrainData.of(cfg.data, manifest, the_plan, info.rank, cfg.run.seed, task, device)
+        data = TrainData.of(
+            cfg.data,
+            manifest,
+            the_plan.layout,
+            the_plan.micro_per_epoch,
+            info.rank,
+            cfg.run.seed,
+            task,
+            device,
+        )
         torch.manual_seed(cfg.run.seed)  # the initialisation of what the task adds (the heads)
         # 4. DeepSpeed: ZeRO partitions the task's model, the optimizer and the LR schedule
         engine = build_engine(

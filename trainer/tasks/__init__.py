@@ -1,85 +1,24 @@
 """Tasks: what a model family brings to the one training harness (torchtitan's TrainSpec, in small).
 
 A task builds its model, turns samples into batches, a batch into a loss, evaluates, and writes its
-export; the harness (plan, engine, loop, checkpoints, signals, monitor, launchers) never learns which
-task runs. `train.objective` names the task; adding one is a module here and a line in TASKS.
+export (the protocol: trainer/tasks/base.py); the harness (plan, engine, loop, checkpoints, signals,
+monitor, launchers) never learns which task runs. `train.objective` names the task; adding one is a
+module here, a line in `task_class` and its name in trainer.config.OBJECTIVES.
+
+This package imports the tasks only when asked for one: a task's config (tasks/clip/config.py,
+tasks/diffusion/config.py) is a leaf that trainer.config imports without importing any task.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-
-import torch
 
 if TYPE_CHECKING:
     from core.manifest import Manifest
     from plumbing.dist import DistInfo
     from trainer.config import TrainConfig
-    from trainer.engine import Engine
     from trainer.run import RunFolder
-
-Batch = dict[str, Any]
-
-
-@dataclass
-class Evaluation:
-    """Metrics (every rank gets the same), and pictures for TensorBoard (rank 0 writes them)."""
-
-    metrics: dict[str, float]
-    images: dict[str, torch.Tensor] = field(default_factory=dict)  # tag → NCHW in [0, 1]
-
-
-class Task(Protocol):
-    """One model family's part of a run. Built on every rank, after the process group exists."""
-
-    prep: Callable[[dict[str, Any], int, bool], dict[str, Any]]
-    """A decoded sample, its seed and train/eval → what `collate` takes (runs in loader workers)."""
-    collate: Callable[[list[dict[str, Any]]], Batch]
-    """Samples → a batch (runs in loader workers)."""
-
-    def build(self) -> torch.nn.Module:
-        """The module DeepSpeed wraps, with what must not train already frozen."""
-        ...
-
-    def loss(self, engine: Engine, batch: Batch, draw: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The batch's loss, and scalars to log (left on the device; read at log steps). `draw` seeds
-        any randomness, so that a resumed run draws exactly what an uninterrupted one would."""
-        ...
-
-    def after_step(self, engine: Engine) -> None:
-        """After each optimizer step (an EMA update, say)."""
-        ...
-
-    def evaluate(self, engine: Engine, batches: Iterable[Batch], step: int) -> Evaluation: ...
-
-    def shown(self, batch: Batch) -> torch.Tensor:
-        """The batch's images as the model sees them, in [0, 1], for TensorBoard."""
-        ...
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        """This rank's state beyond the engine's, for its checkpoint (an EMA, say)."""
-        ...
-
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None: ...
-
-    def export(
-        self, weights: dict[str, torch.Tensor], extra: list[dict[str, torch.Tensor]], out: Path
-    ) -> None:
-        """Write the export folder from the consolidated fp32 weights (and every rank's extra state)."""
-        ...
-
-    def exported(self, out: Path) -> dict[str, torch.Tensor]:
-        """The export read back, under the engine module's parameter names (checked after export)."""
-        ...
-
-    def expected_export(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What `exported` must equal, given the live engine's gathered fp32 parameters."""
-        ...
-
-    def hyperparameters(self) -> dict[str, Any]: ...
+    from trainer.tasks.base import Task
 
 
 class TaskClass(Protocol):
@@ -91,9 +30,11 @@ class TaskClass(Protocol):
         ...
 
 
-def task_class(objective: str) -> Any:
-    from trainer.tasks.clip import ClipClassification, ClipContrastive
-    from trainer.tasks.diffusion import DenoisingTask, VaeTask
+def task_class(objective: str) -> TaskClass:
+    """The task of `train.objective` (one of trainer.config.OBJECTIVES)."""
+    from trainer.tasks.clip.tasks import ClipClassification, ClipContrastive
+    from trainer.tasks.diffusion.denoising import DenoisingTask
+    from trainer.tasks.diffusion.vae import VaeTask
 
     tasks: dict[str, Any] = {
         "classification": ClipClassification,
@@ -104,11 +45,5 @@ def task_class(objective: str) -> Any:
     return tasks[objective]
 
 
-OBJECTIVES = ("classification", "contrastive", "vae", "denoising")
-
-
 def make_task(cfg: TrainConfig, run: RunFolder, info: DistInfo, device: str) -> Task:
     return task_class(cfg.train.objective)(cfg, run, info, device)
-
-
-__all__ = ["Batch", "Evaluation", "Task", "make_task", "task_class", "OBJECTIVES"]

@@ -1,11 +1,5 @@
-"""The CLIP tasks: fine-tune a CLIPFineTuner (core.clip) by classification through class prompts
-(CIFAR-10) or by contrastive image–caption matching over the global batch (Flickr8k).
-
-Each builds the model from `model.name` (a hub id or folder) or a preset built into the run folder,
-preprocesses as CLIP does (core.preprocess), evaluates (top-1/top-5 through the prompts; Recall@k both
-ways) and exports HF folders that `transformers.CLIPModel.from_pretrained` and
-`CLIPFineTuner.from_pretrained` load.
-"""
+"""The two CLIP tasks: classification through class prompts (CIFAR-10) and contrastive
+image–caption matching over the global batch (Flickr8k)."""
 
 from __future__ import annotations
 
@@ -13,158 +7,31 @@ import functools
 import logging
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from core.clip import CLIPFineTuner, HeadSpec, load_clip, load_processors, text_length
+from core.clip import CLIPFineTuner, load_processors, text_length
 from core.manifest import Manifest
 from core.preprocess import Collate, ImageTransform
-from core.presets import CLIP_PRESETS, TinyConfig, build_clip, is_built
-from plumbing.config import require
-from plumbing.dist import DistInfo, all_max, all_sum, barrier, gather_rows, gather_with_grad
+from plumbing.dist import DistInfo, all_max, all_sum, gather_rows
 from plumbing.errors import UserError
+from trainer.config import TrainConfig
 from trainer.data import pick_caption
-from trainer.tasks import Batch, Evaluation
+from trainer.engine import Engine
+from trainer.run import RunFolder
+from trainer.tasks.base import Batch, Evaluation
+from trainer.tasks.clip.model import build_finetuner, freeze, model_source
+from trainer.tasks.clip.objective import (
+    classification_logits,
+    contrastive_loss,
+    retrieval_recall,
+    topk_correct,
+)
 
 log = logging.getLogger("trainer.clip")
-
-
-@dataclass
-class ModelConfig:
-    name: str = "openai/clip-vit-base-patch32"
-    """HF hub id or local folder of a CLIPModel with its tokenizer and image processor."""
-    preset: str = ""
-    """Build a random-init CLIP into <run.dir>/base-model and load it from there (offline): "tiny" (shaped by model.tiny), "vit-b-32" or "vit-l-14" (OpenAI's shapes)."""
-    tiny: TinyConfig = field(default_factory=TinyConfig)
-    head: str = "linear"
-    """Projection heads: "linear" or "mlp" (residual, hidden size head_hidden)."""
-    head_dim: int = 0
-    """Output size of both heads; 0 keeps CLIP's projection_dim (the heads then start as the identity)."""
-    head_hidden: int = 0
-    """Hidden size of the MLP heads; 0 uses the input size."""
-    freeze_vision: bool = False
-    """Freeze the whole vision tower (embeddings, layers, visual projection)."""
-    freeze_text: bool = False
-    """Freeze the whole text tower (embeddings, layers, text projection)."""
-    vision_trainable_layers: int = -1
-    """Train only the last N vision layers (plus final norm and projection); -1 trains all."""
-    text_trainable_layers: int = -1
-    """Train only the last N text layers (plus final norm and projection); -1 trains all."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, ~30 % more compute)."""
-
-    def __post_init__(self) -> None:
-        require(self.preset in ("", *CLIP_PRESETS), self, "preset", '"" or ' + ", ".join(CLIP_PRESETS))
-        require(self.head in ("linear", "mlp"), self, "head", '"linear" or "mlp"')
-        require(self.head_dim >= 0 and self.head_hidden >= 0, self, "head_dim", "sizes >= 0")
-        require(
-            self.vision_trainable_layers >= -1, self, "vision_trainable_layers", "-1 (all) or a count >= 0"
-        )
-        require(self.text_trainable_layers >= -1, self, "text_trainable_layers", "-1 (all) or a count >= 0")
-
-
-def build_finetuner(cfg: ModelConfig, source: str) -> CLIPFineTuner:
-    clip = load_clip(source)
-    if cfg.gradient_checkpointing:
-        clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    in_dim = clip.config.projection_dim
-    return CLIPFineTuner(clip, HeadSpec(cfg.head, in_dim, cfg.head_dim or in_dim, cfg.head_hidden))
-
-
-def freeze(model: CLIPFineTuner, cfg: ModelConfig) -> None:
-    """Freeze whole towers, or all but their last N layers (the final norm and projection train)."""
-    clip = model.clip
-    towers = [
-        (
-            cfg.freeze_vision,
-            cfg.vision_trainable_layers,
-            clip.vision_model,
-            clip.vision_model.post_layernorm,
-            clip.visual_projection,
-        ),
-        (
-            cfg.freeze_text,
-            cfg.text_trainable_layers,
-            clip.text_model,
-            clip.text_model.final_layer_norm,
-            clip.text_projection,
-        ),
-    ]
-    for frozen, last_n, tower, final_norm, projection in towers:
-        if frozen:
-            tower.requires_grad_(False)
-            projection.requires_grad_(False)
-        elif last_n >= 0:
-            tower.requires_grad_(False)
-            layers = tower.encoder.layers
-            for layer in layers[len(layers) - last_n :] if last_n else []:
-                layer.requires_grad_(True)
-            final_norm.requires_grad_(True)
-    clip.logit_scale.requires_grad_(False)  # ours is model.logit_scale
-
-
-def model_source(cfg: ModelConfig, base_model: Path, info: DistInfo) -> str:
-    """Where to `from_pretrained` from: a preset is built once (rank 0) into the run folder."""
-    if not cfg.preset:
-        return cfg.name
-    if info.is_main and not is_built(base_model, cfg.preset, cfg.tiny):
-        build_clip(base_model, cfg.preset, cfg.tiny)
-    barrier()
-    return str(base_model)
-
-
-# --------------------------------------------------------------------------- losses and metrics (pure)
-
-
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over the global batch: image i matches text i (CLIP, Radford et al. 2021)."""
-    image, text = gather_with_grad(image), gather_with_grad(text)
-    logits = scale * image @ text.t()
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-
-
-def classification_logits(
-    image: torch.Tensor, class_text: torch.Tensor, scale: torch.Tensor, templates: int
-) -> torch.Tensor:
-    """Scaled similarity of each image to each class: the mean over templates of the class prompts'
-    embeddings, renormalised (CLIP's zero-shot prompt ensembling)."""
-    classes = class_text.view(-1, templates, class_text.shape[-1]).mean(dim=1)
-    return scale * image @ F.normalize(classes, dim=-1).t()
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int]) -> dict[int, int]:
-    """How many rows have their label among the k highest logits."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
-    return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
-
-
-def retrieval_recall(
-    image: torch.Tensor, text: torch.Tensor, text_image: torch.Tensor, ks: Iterable[int]
-) -> dict[str, float]:
-    """Recall@k both ways. `text_image[j]` is the image row that caption j belongs to.
-
-    image→text: an image query hits when any of its captions ranks in the top k;
-    text→image: a caption query hits when its image ranks in the top k.
-    """
-    sim = image @ text.t()  # images × captions
-    out: dict[str, float] = {}
-    owner = text_image[None, :] == torch.arange(image.shape[0], device=image.device)[:, None]
-    # stable: equal scores (identical captions) rank in dataset order, reproducibly
-    order_t = sim.argsort(dim=1, descending=True, stable=True)
-    order_i = sim.t().argsort(dim=1, descending=True, stable=True)
-    for k in ks:
-        out[f"i2t_R@{k}"] = float(torch.gather(owner, 1, order_t[:, :k]).any(dim=1).float().mean())
-        out[f"t2i_R@{k}"] = float((order_i[:, :k] == text_image[:, None]).any(dim=1).float().mean())
-    return out
-
-
-# --------------------------------------------------------------------------- the tasks
 
 
 class ClipPrep:
@@ -185,7 +52,7 @@ class ClipTask:
 
     with_text = True
 
-    def __init__(self, cfg: Any, run: Any, info: DistInfo, device: str) -> None:
+    def __init__(self, cfg: TrainConfig, run: RunFolder, info: DistInfo, device: str) -> None:
         self.cfg, self.model_cfg, self.device = cfg, cfg.model, device
         self.source = model_source(cfg.model, run.base_model, info)
         self.tokenizer, self.processor = load_processors(self.source)
@@ -205,7 +72,7 @@ class ClipTask:
         return model
 
     def encode(
-        self, engine: Any, batch: Batch
+        self, engine: Engine, batch: Batch
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """The engine's embeddings (float32) of whatever the batch holds."""
         self.dtype = next(engine.module.parameters()).dtype
@@ -222,7 +89,7 @@ class ClipTask:
             scale.float(),
         )
 
-    def after_step(self, engine: Any) -> None:
+    def after_step(self, engine: Engine) -> None:
         pass
 
     def shown(self, batch: Batch) -> torch.Tensor:
@@ -259,19 +126,19 @@ class ClipTask:
         return {"model": m.preset or m.name, "head": m.head}
 
     @staticmethod
-    def check(cfg: Any, manifest: Manifest) -> None:
+    def check(cfg: TrainConfig, manifest: Manifest) -> None:
         pass
 
 
 class ClipContrastive(ClipTask):
     """Symmetric InfoNCE over the global batch (embeddings gathered across ranks with gradients)."""
 
-    def loss(self, engine: Any, batch: Batch, draw: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, engine: Engine, batch: Batch, draw: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image, text, scale = self.encode(engine, batch)
         assert image is not None and text is not None
         return contrastive_loss(image, text, scale), {"train/temperature": scale.detach()}
 
-    def evaluate(self, engine: Any, batches: Iterable[Batch], step: int) -> Evaluation:
+    def evaluate(self, engine: Engine, batches: Iterable[Batch], step: int) -> Evaluation:
         """Recall@k both ways over the whole eval split, each image and caption counted once."""
         images, texts, owners, valids, indices = [], [], [], [], []
         for batch in batches:
@@ -309,7 +176,7 @@ class ClipClassification(ClipTask):
 
     with_text = False
 
-    def __init__(self, cfg: Any, run: Any, info: DistInfo, device: str) -> None:
+    def __init__(self, cfg: TrainConfig, run: RunFolder, info: DistInfo, device: str) -> None:
         super().__init__(cfg, run, info, device)
         self.templates = len(cfg.train.class_templates)
 
@@ -322,7 +189,7 @@ class ClipClassification(ClipTask):
         texts = [t.format(label=name) for name in classes for t in self.cfg.train.class_templates]
         return dict(self.collate.tokenize(texts))
 
-    def loss(self, engine: Any, batch: Batch, draw: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, engine: Engine, batch: Batch, draw: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image, class_text, scale = self.encode(
             engine, {"pixel_values": batch["pixel_values"], **self.prompts}
         )
@@ -331,7 +198,7 @@ class ClipClassification(ClipTask):
         loss = F.cross_entropy(logits, batch["labels"].to(self.device))
         return loss, {"train/temperature": scale.detach()}
 
-    def evaluate(self, engine: Any, batches: Iterable[Batch], step: int) -> Evaluation:
+    def evaluate(self, engine: Engine, batches: Iterable[Batch], step: int) -> Evaluation:
         """Top-1 and top-5 accuracy through the class prompts, each eval image counted once."""
         _, class_text, scale = self.encode(engine, self.prompts)
         assert class_text is not None
@@ -351,7 +218,7 @@ class ClipClassification(ClipTask):
         return {**super().hyperparameters(), "objective": "classification"}
 
     @staticmethod
-    def check(cfg: Any, manifest: Manifest) -> None:
+    def check(cfg: TrainConfig, manifest: Manifest) -> None:
         if not manifest.classes:
             raise UserError(
                 f"{manifest.root / 'manifest.json'}: train.objective=classification needs class names (a cifar10 manifest)"
