@@ -15,7 +15,6 @@ from plumbing.errors import UserError
 from plumbing.files import read_json, sha256_file
 
 MANIFEST = "manifest.json"
-PARTIAL = ".manifest.partial.json"
 FORMAT_VERSION = 1
 
 
@@ -25,6 +24,8 @@ class ShardRecord:
     num_samples: int
     bytes: int
     sha256: str
+    path: str = ""
+    """Where the shard is, for shards indexed in place (`data_prep index`); empty: <root>/<split>/<name>."""
 
 
 @dataclass
@@ -40,7 +41,7 @@ class SplitRecord:
         return {
             "num_samples": self.num_samples,
             "num_shards": len(self.shards),
-            "shards": [asdict(s) for s in self.shards],
+            "shards": [{k: v for k, v in asdict(s).items() if k != "path" or v} for s in self.shards],
             "rejected": self.rejected,
         }
 
@@ -57,7 +58,8 @@ class Manifest:
     raw: dict[str, Any]
 
     def shard_path(self, split: str, shard: ShardRecord) -> Path:
-        return self.root / split / shard.name
+        """<root>/<split>/<name> for the shards data_prep wrote; an indexed shard's own (absolute) path."""
+        return self.root / shard.path if shard.path else self.root / split / shard.name
 
     def split(self, name: str) -> SplitRecord:
         if name not in self.splits:

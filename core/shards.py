@@ -17,14 +17,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import webdataset as wds
 from PIL import Image
 
 from core.manifest import Manifest
 from plumbing.errors import LocalError
 from plumbing.seeds import derive_seed
 
-IMAGE_KEYS = ("jpg", "jpeg", "png")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # img2dataset writes jpg, png or webp
 
 
 @dataclass(frozen=True)
@@ -61,10 +60,10 @@ def split_shards(
     order = list(manifest.split(split).shards)
     if shuffle:
         random.Random(derive_seed(seed, "shards", epoch)).shuffle(order)
-    return [(str(manifest.root / split / s.name), s.num_samples, s.sha256 if verify else "") for s in order]
+    return [(str(manifest.shard_path(split, s)), s.num_samples, s.sha256 if verify else "") for s in order]
 
 
-class _Hashing:
+class HashingReader:
     """A file read through sha256, as tarfile reads it (sequentially)."""
 
     def __init__(self, f: Any) -> None:
@@ -87,12 +86,14 @@ def read_ranges(ranges: list[Range]) -> Iterator[dict[str, Any]]:
     its end: a shard changed since data_prep wrote it stops the reader with one line naming it (this
     replaces hashing every shard before step 1, which for a large set outlasts the process group's
     timeout)."""
+    import webdataset as wds  # here, not at the top: data_prep imports this module and needs no torch
+
     for r in ranges:
         with open(r.path, "rb") as f:
-            stream = _Hashing(f) if r.sha256 else f
+            stream = HashingReader(f) if r.sha256 else f
             files = wds.tariterators.tar_file_expander(iter([{"url": r.path, "stream": stream}]))
             yield from itertools.islice(wds.tariterators.group_by_keys(files), r.start, r.stop)
-            if isinstance(stream, _Hashing) and stream.finish() != r.sha256:
+            if isinstance(stream, HashingReader) and stream.finish() != r.sha256:
                 raise LocalError(
                     f"shard {r.path}: sha256 does not match the manifest (corrupted or replaced?)"
                 )

@@ -1,1 +1,1 @@
-"""Stage 1: official CIFAR-10 / Flickr8k files → WebDataset shards + manifest.json."""
+"""Stage 1: the data people have (CIFAR-10, Flickr8k, COCO, a CSV, an imagefolder, WebDataset shards) → WebDataset shards + manifest.json."""

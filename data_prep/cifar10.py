@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from data_prep.images import KEEP, Resize, prepare_image
 from data_prep.pickles import UnsafePickleError, safe_load
 from data_prep.shards import SourceInfo, describe_source
 from plumbing.errors import UserError
@@ -51,13 +52,17 @@ class CifarRow:
     label: int
     meta: str  # the json member, already serialised
     prompt: str
+    resize: Resize = KEEP
 
     def members(self) -> dict[str, bytes]:
         hwc = np.frombuffer(self.pixels, dtype=np.uint8).reshape(3, 32, 32).transpose(1, 2, 0)
         png = io.BytesIO()
         Image.fromarray(hwc, "RGB").save(png, format="PNG", optimize=False, compress_level=6)
+        ext, image = (
+            prepare_image(png.getvalue(), self.resize) if self.resize.size else ("png", png.getvalue())
+        )
         return {
-            "png": png.getvalue(),
+            ext: image,
             "cls": str(self.label).encode(),
             "txt": self.prompt.encode(),
             "json": self.meta.encode(),
@@ -71,7 +76,9 @@ class CifarSource:
     info: SourceInfo
 
 
-def read_cifar10(source: Path, verify: bool, templates: list[str], seed: int) -> CifarSource:
+def read_cifar10(
+    source: Path, verify: bool, templates: list[str], seed: int, resize: Resize = KEEP
+) -> CifarSource:
     """Every row of every batch as a `CifarRow`, after checking checksums (unless `verify` is off)."""
     raw, info = _read_members(source, verify)
     meta = _load(raw["batches.meta"], _where(source, "batches.meta"))
@@ -90,6 +97,7 @@ def read_cifar10(source: Path, verify: bool, templates: list[str], seed: int) ->
                 templates,
                 seed,
                 _where(source, name),
+                resize,
             )
         splits[split] = rows
     return CifarSource(label_names, splits, info)
@@ -181,7 +189,13 @@ def _load(data: bytes, where: str) -> dict:
 
 
 def _rows(
-    name: str, batch: dict, label_names: list[str], templates: list[str], seed: int, where: str
+    name: str,
+    batch: dict,
+    label_names: list[str],
+    templates: list[str],
+    seed: int,
+    where: str,
+    resize: Resize,
 ) -> list[CifarRow]:
     try:
         data, labels, filenames = batch[b"data"], batch[b"labels"], batch[b"filenames"]
@@ -210,5 +224,7 @@ def _rows(
             "prompts": prompts,
         }
         prompt = prompts[derive_seed(seed, key) % len(prompts)]
-        rows.append(CifarRow(key, data[row].tobytes(), label, json.dumps(meta, sort_keys=True), prompt))
+        rows.append(
+            CifarRow(key, data[row].tobytes(), label, json.dumps(meta, sort_keys=True), prompt, resize)
+        )
     return rows

@@ -1,32 +1,58 @@
-"""`python -m data_prep {cifar10,flickr8k,synthetic}`: official files → WebDataset shards + manifest.
+"""`python -m data_prep SOURCE …`: the data people have → WebDataset shards + manifest.json.
 
     python -m data_prep cifar10 --source cifar-10-python.tar.gz --out data/cifar10
     python -m data_prep flickr8k --images Flickr8k_Dataset.zip --captions Flickr8k_text.zip --out data/flickr8k
+    python -m data_prep coco --root coco/ --out data/coco
+    python -m data_prep csv --source train.tsv --out data/mine
+    python -m data_prep folder --source my-imagefolder/ --out data/mine
+    python -m data_prep index --shards 'laion/{00000..00099}.tar' --out data/laion
     python -m data_prep synthetic --out data/synthetic
 
-Every option is also a config key (`--shard-size 500` is `shards.shard_size=500`); `--config FILE`
-loads a YAML PrepConfig and trailing `key=value` overrides win over both.
+Beyond one machine: `--tasks N --task K` (or a Slurm array task, see launch/prep.sbatch) writes the
+shards the one-process plan gives task K; `python -m data_prep merge --out OUT` then writes the
+manifest. Every option is also a config key (`--shard-size 500` is `shards.shard_size=500`);
+`--config FILE` loads a YAML PrepConfig and trailing `key=value` overrides win over both.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data_prep.cifar10 import read_cifar10
-from data_prep.config import PrepConfig
-from data_prep.flickr8k import FlickrImage, hash_split, index_images, read_captions, read_splits, sample_key
-from data_prep.shards import SplitPlan, Writers, summary, write_dataset
+from data_prep.coco import read_coco
+from data_prep.config import RESIZE_MODES, PrepConfig, ShardsConfig
+from data_prep.flickr8k import index_images, read_captions, read_splits
+from data_prep.folder import read_folder
+from data_prep.images import KEEP, Resize
+from data_prep.index import index_shards
+from data_prep.samples import ImageText, hash_split, sample_key
+from data_prep.shards import (
+    Job,
+    Outcome,
+    SplitPlan,
+    Writers,
+    merge,
+    plan_shards,
+    rejection,
+    summary,
+    write_dataset,
+)
 from data_prep.synthetic import write_synthetic
+from data_prep.table import read_table
 from plumbing import __version__
 from plumbing.config import load_config, parse_mixed, to_dict
-from plumbing.errors import run_cli
+from plumbing.dist import DistInfo
+from plumbing.errors import UserError, run_cli
 from plumbing.logs import setup_logging
 
 log = logging.getLogger("data_prep")
+
+# Config keys that name where the inputs are, not what shapes the bytes: left out of the fingerprint.
+PATH_KEYS = ("source", "images", "captions", "splits", "root", "shards", "image_root")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +70,13 @@ def parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--workers", type=int, dest="shards.workers", help="writer processes (default 1)")
         p.add_argument(
+            "--tasks",
+            type=int,
+            dest="shards.tasks",
+            help="independent tasks sharing the work (default: 1, or the Slurm array's)",
+        )
+        p.add_argument("--task", type=int, dest="shards.task", help="this task's number, 0..tasks-1")
+        p.add_argument(
             "--overwrite",
             action="store_const",
             const=True,
@@ -53,6 +86,24 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_const", const=False, dest="progress", help="no progress bar")
         p.add_argument(
             "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. shards.shard_size=500"
+        )
+
+    def image_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--image-size", type=int, dest="image.size", help="resize on write to N pixels (default: keep)"
+        )
+        p.add_argument(
+            "--resize-mode",
+            choices=RESIZE_MODES,
+            dest="image.resize_mode",
+            help="img2dataset's modes (default keep_ratio: the short side N)",
+        )
+        p.add_argument(
+            "--resize-only-if-bigger",
+            action="store_const",
+            const=True,
+            dest="image.resize_only_if_bigger",
+            help="leave smaller images as they are",
         )
 
     p = sub.add_parser("cifar10", help="CIFAR-10 python release → shards")
@@ -75,6 +126,7 @@ def parser() -> argparse.ArgumentParser:
         dest="cifar10.templates",
         help='prompt template with {label}; repeatable (default "An image of a {label}.")',
     )
+    image_options(p)
     common(p)
 
     p = sub.add_parser("flickr8k", help="Flickr8k (official zips, folders or Kaggle layout) → shards")
@@ -105,11 +157,64 @@ def parser() -> argparse.ArgumentParser:
         dest="flickr8k.full_decode",
         help="decode every image (slower, stricter)",
     )
+    image_options(p)
+    common(p)
+
+    p = sub.add_parser("coco", help="COCO captions (official folders or zips) → shards")
+    p.add_argument(
+        "--root",
+        required=True,
+        dest="coco.root",
+        help="folder with annotations/ (or annotations_trainval2017.zip) and train2017/, val2017/ (or their zips)",
+    )
+    p.add_argument("--year", dest="coco.year", help="release year when the folder holds several (2014, 2017)")
+    image_options(p)
+    common(p)
+
+    p = sub.add_parser("csv", help="a CSV/TSV/JSONL table of image paths and captions (open_clip's) → shards")
+    p.add_argument("--source", required=True, dest="csv.source", help="the .csv, .tsv or .jsonl file")
+    p.add_argument("--image-key", dest="csv.image_key", help="image path column (default filepath)")
+    p.add_argument("--caption-key", dest="csv.caption_key", help="caption column (default title)")
+    p.add_argument("--separator", dest="csv.separator", help="field separator (default a TAB: \\t or tab)")
+    p.add_argument(
+        "--split-key", dest="csv.split_key", help="column naming each row's split (default: hash split)"
+    )
+    p.add_argument(
+        "--image-root",
+        dest="csv.image_root",
+        help="where relative image paths start (default: the table's folder)",
+    )
+    image_options(p)
+    common(p)
+
+    p = sub.add_parser("folder", help="an imagefolder (metadata.jsonl/.csv + images) → shards")
+    p.add_argument("--source", required=True, dest="folder.source", help="the folder")
+    p.add_argument("--caption-key", dest="folder.caption_key", help="caption column (default text)")
+    image_options(p)
+    common(p)
+
+    p = sub.add_parser("index", help="existing WebDataset shards (img2dataset's), indexed in place")
+    p.add_argument(
+        "--shards",
+        action="append",
+        required=True,
+        dest="index.shards",
+        help="brace pattern, glob, file or folder of .tar shards; repeatable (one per split)",
+    )
+    p.add_argument(
+        "--split", action="append", dest="index.split", help="what they are (default train); one per --shards"
+    )
     common(p)
 
     p = sub.add_parser("synthetic", help="write the learnable synthetic set in the official formats")
     p.add_argument("--seed", type=int, dest="seed", help="seed (default 0)")
     common(p)
+
+    p = sub.add_parser("merge", help="write the manifest once every task's shards are there")
+    p.add_argument("--out", required=True, help="the output folder the tasks wrote into")
+    p.add_argument(
+        "--quiet", action="store_const", const=False, dest="progress", help="(no progress bar to hide)"
+    )
     return top
 
 
@@ -119,59 +224,129 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = parse_mixed(parser(), argv)
+    if args["dataset"] == "merge":
+        if args["overrides"]:
+            raise UserError(f"merge takes only --out, not {' '.join(args['overrides'])}")
+        setup_logging()
+        out = Path(args["out"])
+        print(summary(merge(out), out))
+        return 0
     config_file, overrides = args.pop("config"), args.pop("overrides")
     flags = {k: v for k, v in args.items() if v is not None}
     cfg = load_config(PrepConfig, config_file, overrides, flags)
     setup_logging()
     if cfg.dataset == "synthetic":
         return _synthetic(cfg)
+    task, tasks = task_slot(cfg.shards)
     with Writers(cfg.shards.workers) as writers:
-        manifest = (_cifar10 if cfg.dataset == "cifar10" else _flickr8k)(cfg, writers)
-    print(summary(manifest, cfg.out_dir))
+        prepared = SOURCES[cfg.dataset](cfg)
+        if tasks > 1:
+            log.info("task %d of %d", task, tasks)
+        outcome = _write(cfg, writers, prepared, task, tasks)
+    print(closing_line(outcome, cfg.out_dir))
     return 0
 
 
-def _write(
-    cfg: PrepConfig,
-    writers: Writers,
-    splits: dict[str, SplitPlan],
-    sources: dict[str, Any],
-    extra: dict[str, Any],
-) -> dict[str, Any]:
-    """Shard `splits` into cfg.out. The fingerprint covers what shapes the bytes, not where files are."""
+def task_slot(shards: ShardsConfig) -> tuple[int, int]:
+    """(task, tasks) from --task/--tasks, else from the Slurm array this runs in (plumbing.dist reads
+    SLURM_ARRAY_TASK_ID/COUNT/MIN), else (0, 1)."""
+    if shards.tasks and shards.task >= 0:  # given: the environment is not read (a rerun of some tasks)
+        return shards.task, shards.tasks
+    info = DistInfo.from_env()
+    if shards.tasks:
+        if info.array_count == shards.tasks:
+            return info.array_index, shards.tasks
+        raise UserError(
+            f"shards.tasks={shards.tasks} needs this task's number: --task K (0..{shards.tasks - 1}), "
+            f"or run it as a Slurm array of {shards.tasks} tasks"
+        )
+    if shards.task >= 0:
+        raise UserError(f"shards.task={shards.task} needs the number of tasks: --tasks N")
+    return info.array_index, info.array_count
+
+
+def closing_line(outcome: Outcome, out: Path) -> str:
+    if outcome.manifest is not None:
+        return summary(outcome.manifest, out)
+    shards = outcome.shards
+    done = f"shards {shards.start}–{shards.stop - 1}" if len(shards) else "no shards (more tasks than shards)"
+    return (
+        f"task {outcome.task} of {outcome.tasks}: {done} of {outcome.total} are in {out} "
+        f"({outcome.written} written, {outcome.kept} kept); when every task is done: "
+        f"python -m data_prep merge --out {out}"
+    )
+
+
+@dataclass
+class Prepared:
+    """What a source found: samples per split (or existing shards, for index), where they came from,
+    and what else the manifest should say."""
+
+    splits: dict[str, SplitPlan]
+    sources: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    jobs: list[Job] | None = None
+
+
+def _write(cfg: PrepConfig, writers: Writers, prepared: Prepared, task: int, tasks: int) -> Outcome:
+    """Shard what a source found into cfg.out: the fingerprint covers what shapes the bytes, not where
+    files are; the stored config leaves out how the run was run (workers, tasks, …), so that one
+    process and N tasks write the same manifest."""
     section = to_dict(getattr(cfg, cfg.dataset))
-    inputs = {k: v for k, v in section.items() if k not in ("source", "images", "captions", "splits")}
-    identity = {
-        "inputs": inputs,
+    identity: dict[str, Any] = {
+        "inputs": {k: v for k, v in section.items() if k not in PATH_KEYS},
         "seed": cfg.seed,
         "source_checksums": {
-            k: {f: v[f] for f in ("bytes", "files", "md5", "sha256")} for k, v in sources.items()
+            k: {f: v[f] for f in ("bytes", "files", "md5", "sha256")} for k, v in prepared.sources.items()
         },
     }
+    if cfg.image.size:  # only when it shapes the bytes: outputs made before it existed stay valid
+        identity["image"] = to_dict(cfg.image)
+    stored = to_dict(cfg)
+    for key in ("workers", "overwrite", "tasks", "task"):
+        stored["shards"].pop(key)
+    stored.pop("progress")
+    jobs = prepared.jobs
+    if jobs is None:
+        jobs = plan_shards(cfg.out_dir, cfg.dataset, prepared.splits, cfg.shards.shard_size)
     return write_dataset(
         cfg.out_dir,
         cfg.dataset,
-        splits,
+        jobs,
+        {split: plan.rejected for split, plan in prepared.splits.items()},
         shard_size=cfg.shards.shard_size,
         writers=writers,
         overwrite=cfg.shards.overwrite,
         identity=identity,
-        extra={"sources": sources, "config": to_dict(cfg), **extra},
+        extra={"sources": prepared.sources, "config": stored, **prepared.extra},
+        task=task,
+        tasks=tasks,
         show_progress=cfg.progress,
+        unit="shard" if prepared.jobs is not None else "img",
     )
 
 
-def _cifar10(cfg: PrepConfig, writers: Writers) -> dict[str, Any]:
+def resize_of(cfg: PrepConfig) -> Resize:
+    i = cfg.image
+    return Resize(i.size, i.resize_mode, i.resize_only_if_bigger, i.quality) if i.size else KEEP
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _cifar10(cfg: PrepConfig) -> Prepared:
     c = cfg.cifar10
     if not c.verify:
         log.warning("--no-verify: MD5s are not checked against the official CIFAR-10 release")
-    source = read_cifar10(Path(c.source), c.verify, list(c.templates), cfg.seed)
+    source = read_cifar10(Path(c.source), c.verify, list(c.templates), cfg.seed, resize_of(cfg))
     splits = {name: SplitPlan(list(rows)) for name, rows in source.splits.items()}
-    return _write(cfg, writers, splits, {"cifar10": asdict(source.info)}, {"classes": source.label_names})
+    return Prepared(splits, {"cifar10": asdict(source.info)}, {"classes": source.label_names})
 
 
-def _flickr8k(cfg: PrepConfig, writers: Writers) -> dict[str, Any]:
+def _flickr8k(cfg: PrepConfig) -> Prepared:
     f = cfg.flickr8k
+    # --resize N (the long side at most N) is img2dataset's keep_ratio_largest, only if bigger.
+    resize = Resize(f.resize, "keep_ratio_largest", True) if f.resize else resize_of(cfg)
     images = index_images(Path(f.images))
     captions = read_captions(Path(f.captions))
     split_lists, split_source = captions.splits, captions.split_source
@@ -179,10 +354,10 @@ def _flickr8k(cfg: PrepConfig, writers: Writers) -> dict[str, Any]:
         split_lists, split_source = read_splits(Path(f.splits))
     rejected = list(images.rejected)
     for name in sorted(set(captions.by_image) - set(images.refs)):
-        rejected.append({"item": name, "reason": f"captioned in {captions.where} but no such image"})
+        rejected.append(rejection(name, "no image", f"captioned in {captions.where} but no such image"))
     usable = sorted(set(images.refs) & set(captions.by_image))
     if not split_lists:
-        log.info("no Flickr_8k.*Images.txt found: using the hash split (75/12.5/12.5 %%, see README)")
+        log.info("no Flickr_8k.*Images.txt found: using the hash split (75/12.5/12.5 %, see README)")
         split_lists, split_source = hash_split(usable), "hash of the image name"
     plans: dict[str, SplitPlan] = {}
     assigned: set[str] = set()
@@ -193,25 +368,20 @@ def _flickr8k(cfg: PrepConfig, writers: Writers) -> dict[str, Any]:
             key = sample_key(name)
             if name not in images.refs:
                 plan.rejected.append(
-                    {"item": name, "reason": f"listed in the {split} split but not among the images"}
+                    rejection(name, "missing file", f"listed in the {split} split but not among the images")
                 )
             elif name not in captions.by_image:
-                plan.rejected.append({"item": name, "reason": "no captions"})
+                plan.rejected.append(rejection(name, "no caption", "no captions"))
             elif name in assigned or keys.get(key, name) != name:
-                plan.rejected.append({"item": name, "reason": "already in another split or a clashing key"})
+                plan.rejected.append(
+                    rejection(name, "duplicate", "already in another split or a clashing key")
+                )
             else:
                 assigned.add(name)
                 keys[key] = name
+                texts = list(captions.by_image[name])
                 plan.samples.append(
-                    FlickrImage(
-                        key,
-                        name,
-                        split,
-                        images.refs[name],
-                        tuple(captions.by_image[name]),
-                        f.resize,
-                        f.full_decode,
-                    )
+                    ImageText(key, key, images.refs[name], tuple(texts), name, split, resize, f.full_decode)
                 )
         plans[split] = plan
     unassigned = sorted(set(usable) - assigned)
@@ -227,7 +397,50 @@ def _flickr8k(cfg: PrepConfig, writers: Writers) -> dict[str, Any]:
         },
         "uncaptioned": {"count": len(uncaptioned), "items": uncaptioned},
     }
-    return _write(cfg, writers, plans, sources, extra)
+    return Prepared(plans, sources, extra)
+
+
+def _coco(cfg: PrepConfig) -> Prepared:
+    source = read_coco(Path(cfg.coco.root), cfg.coco.year, resize_of(cfg))
+    return Prepared(
+        source.splits, source.sources, {"split_source": "the captions files", "rejected": source.rejected}
+    )
+
+
+def _csv(cfg: PrepConfig) -> Prepared:
+    c = cfg.csv
+    root = Path(c.image_root) if c.image_root else None
+    table = read_table(
+        Path(c.source), c.image_key, c.caption_key, c.delimiter, c.split_key, resize_of(cfg), root
+    )
+    if not c.split_key:
+        log.info("no --split-key: using the hash split (75/12.5/12.5 % train/dev/test, see README)")
+    return Prepared(
+        table.splits, table.sources, {"split_source": table.split_source, "rejected": table.rejected}
+    )
+
+
+def _folder(cfg: PrepConfig) -> Prepared:
+    found = read_folder(Path(cfg.folder.source), cfg.folder.caption_key, resize_of(cfg))
+    return Prepared(
+        found.splits, found.sources, {"split_source": found.split_source, "rejected": found.rejected}
+    )
+
+
+def _index(cfg: PrepConfig) -> Prepared:
+    found = index_shards(list(cfg.index.shards), list(cfg.index.split))
+    splits = {split: SplitPlan([], rejected) for split, rejected in found.rejected.items()}
+    return Prepared(splits, found.sources, {"indexed_in_place": True}, jobs=list(found.jobs))
+
+
+SOURCES = {
+    "cifar10": _cifar10,
+    "flickr8k": _flickr8k,
+    "coco": _coco,
+    "csv": _csv,
+    "folder": _folder,
+    "index": _index,
+}
 
 
 def _synthetic(cfg: PrepConfig) -> int:
@@ -236,11 +449,11 @@ def _synthetic(cfg: PrepConfig) -> int:
     print(f"synthetic data in the official formats → {cfg.out_dir}:")
     for name, path in files.items():
         print(f"  {name:9s} {path}")
-    out = cfg.out_dir
+    beside = cfg.out_dir.parent  # shards go beside the raw files, as launch/demo.sh puts them
     print(
         "next:\n"
-        f"  python -m data_prep cifar10 --source {files['cifar10']} --no-verify --out {out}/cifar10\n"
-        f"  python -m data_prep flickr8k --images {files['images']} --captions {files['captions']} --out {out}/flickr8k"
+        f"  python -m data_prep cifar10 --source {files['cifar10']} --no-verify --out {beside / 'cifar10'}\n"
+        f"  python -m data_prep flickr8k --images {files['images']} --captions {files['captions']} --out {beside / 'flickr8k'}"
     )
     return 0
 

@@ -9,18 +9,16 @@ Zip members are read in place, never extracted, so a hostile member name cannot 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import os
 import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from PIL import Image
-
-from data_prep.shards import Reject, SourceInfo, describe_source, folder_info
+from data_prep.images import ImageRef, ignored_member, unsafe_member
+from data_prep.samples import UNSAFE_PATH
+from data_prep.shards import SourceInfo, describe_source, folder_info, rejection
 from plumbing.errors import UserError
 
 TOKEN_FILE = "Flickr8k.token.txt"
@@ -30,46 +28,10 @@ SPLIT_FILES = {
     "dev": "Flickr_8k.devImages.txt",
     "test": "Flickr_8k.testImages.txt",
 }
-# Without split lists: a split from a hash of the image name, stable when images are added or removed.
-HASH_SPLIT = (("train", 750), ("dev", 875), ("test", 1000))  # cumulative per-mille
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 
 
-def _ignored(member: PurePosixPath) -> bool:
-    """macOS zips carry __MACOSX/ and ._name AppleDouble files beside the real ones."""
-    return "__MACOSX" in member.parts or member.name.startswith("._")
-
-
-def _unsafe(name: str) -> bool:
-    path = PurePosixPath(name.replace("\\", "/"))
-    return path.is_absolute() or ".." in path.parts or ":" in name
-
-
 # --------------------------------------------------------------------------- images
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """Where one image's bytes are: a zip member or a file. Small, so it travels to workers cheaply."""
-
-    container: str  # the zip path, or "" for a plain file
-    member: str  # member name inside the zip, or the file path
-
-    def read(self) -> bytes:
-        if not self.container:
-            with open(self.member, "rb") as f:
-                return f.read()
-        return _zip(self.container).read(self.member)
-
-
-_OPEN_ZIPS: dict[str, zipfile.ZipFile] = {}
-
-
-def _zip(path: str) -> zipfile.ZipFile:
-    """One open handle per zip per process (workers open their own)."""
-    if path not in _OPEN_ZIPS:
-        _OPEN_ZIPS[path] = zipfile.ZipFile(path)
-    return _OPEN_ZIPS[path]
 
 
 @dataclass
@@ -91,7 +53,7 @@ def index_images(path: Path) -> ImageIndex:
     def add(name: str, ref: ImageRef) -> None:
         if name in refs:
             rejected.append(
-                {"item": ref.member, "reason": f"duplicate image name {name} (kept {refs[name].member})"}
+                rejection(ref.member, "duplicate", f"duplicate image name {name} (kept {refs[name].member})")
             )
         else:
             refs[name] = ref
@@ -100,11 +62,13 @@ def index_images(path: Path) -> ImageIndex:
         with zipfile.ZipFile(path) as archive:
             for member in archive.infolist():
                 pure = PurePosixPath(member.filename)
-                if member.is_dir() or _ignored(pure) or not pure.name.lower().endswith(IMAGE_SUFFIXES):
+                if member.is_dir() or ignored_member(pure) or not pure.name.lower().endswith(IMAGE_SUFFIXES):
                     continue
-                if _unsafe(member.filename):
+                if unsafe_member(member.filename):
                     rejected.append(
-                        {"item": member.filename, "reason": "unsafe member name (absolute or ../), not read"}
+                        rejection(
+                            member.filename, UNSAFE_PATH, "unsafe member name (absolute or ../), not read"
+                        )
                     )
                     continue
                 add(pure.name, ImageRef(str(path.resolve()), member.filename))
@@ -190,15 +154,6 @@ def _splits(
     return splits, str(path)
 
 
-def hash_split(names: list[str]) -> dict[str, list[str]]:
-    """The documented split used when no split lists exist: sha1(name) per mille → 75/12.5/12.5 %."""
-    splits: dict[str, list[str]] = {s: [] for s, _ in HASH_SPLIT}
-    for name in sorted(names):
-        bucket = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) % 1000
-        splits[next(s for s, limit in HASH_SPLIT if bucket < limit)].append(name)
-    return splits
-
-
 def _named_texts(path: Path) -> dict[str, tuple[str, str]]:
     """basename → (where, text) for the caption and split files in a zip, under a folder, or beside
     a file (its siblings only: a token file's folder may also hold the 8,000 images)."""
@@ -208,12 +163,12 @@ def _named_texts(path: Path) -> dict[str, tuple[str, str]]:
         with zipfile.ZipFile(path) as archive:
             for member in archive.infolist():
                 pure = PurePosixPath(member.filename)
-                if pure.name in wanted and not _ignored(pure) and not member.is_dir():
+                if pure.name in wanted and not ignored_member(pure) and not member.is_dir():
                     found.setdefault(pure.name, (f"{path}:{member.filename}", _decode(archive.read(member))))
         return found
     files = sorted(path.rglob("*.txt")) if path.is_dir() else sorted(path.parent.glob("*.txt"))
     for file in files:
-        if file.name in wanted and not _ignored(PurePosixPath(file.as_posix())):
+        if file.name in wanted and not ignored_member(PurePosixPath(file.as_posix())):
             found.setdefault(file.name, (str(file), _decode(file.read_bytes())))
     return found
 
@@ -260,111 +215,3 @@ def _parse_csv(text: str, where: str) -> dict[str, list[str]]:
             raise UserError(f"{where}:{reader.line_num}: expected 2 CSV fields image,caption, got {len(row)}")
         by_image.setdefault(row[0].strip(), []).append(row[1].strip())
     return by_image
-
-
-# --------------------------------------------------------------------------- samples
-
-
-@dataclass(frozen=True)
-class FlickrImage:
-    """One image with its captions, built into WebDataset members inside a shard-writing worker."""
-
-    key: str
-    name: str
-    split: str
-    ref: ImageRef
-    captions: tuple[str, ...]
-    resize: int  # 0 keeps the original bytes
-    full_decode: bool
-
-    def members(self) -> dict[str, bytes]:
-        try:
-            data = self.ref.read()
-        except (OSError, KeyError, zipfile.BadZipFile) as err:
-            raise Reject(f"cannot read the image ({err})") from None
-        data = check_jpeg(data, self.resize, self.full_decode)
-        meta = {"image": self.name, "split": self.split, "captions": list(self.captions)}
-        return {
-            "jpg": data,
-            "txt": self.captions[0].encode(),
-            "json": json.dumps(meta, sort_keys=True).encode(),
-        }
-
-
-# Markers without a length field (TEM, RST0-7, SOI) and the frame headers that give the image size.
-_STANDALONE = {0x01, 0xD8, *range(0xD0, 0xD8)}
-_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_problem(data: bytes) -> str | None:
-    """Why `data` is not a complete JPEG, or None: walks the markers (ITU T.81 §B.1) up to the first
-    scan and looks for the end-of-image marker after it. Catches truncated files, other formats and
-    broken headers in ~5 µs; scan data corrupted in place is left to the trainer's decode, which
-    skips and counts such a sample."""
-    if data[:2] != b"\xff\xd8":
-        return "not a JPEG (no start-of-image marker)"
-    pos, n, frame = 2, len(data), False
-    while True:
-        if pos + 4 > n:
-            return "truncated in the headers"
-        if data[pos] != 0xFF:
-            return f"broken marker at byte {pos}"
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker in _STANDALONE:
-            pos += 2
-            continue
-        if marker == 0xD9:
-            return "no image data before the end marker"
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if length < 2 or pos + 2 + length > n:
-            return "truncated (a header segment runs past the end)"
-        if marker in _FRAMES:
-            height, width = (
-                int.from_bytes(data[pos + 5 : pos + 7], "big"),
-                int.from_bytes(data[pos + 7 : pos + 9], "big"),
-            )
-            if not (height and width):
-                return "frame header with zero size"
-            frame = True
-        if marker == 0xDA:
-            break
-        pos += 2 + length
-    if not frame:
-        return "no frame header before the scan"
-    if data.rfind(b"\xff\xd9", max(pos, n - 4096)) < 0:
-        return "truncated (no end-of-image marker)"
-    return None
-
-
-def check_jpeg(data: bytes, resize: int = 0, full_decode: bool = False) -> bytes:
-    """The bytes unchanged if they are a complete JPEG (or re-encoded with the long side ≤ `resize`)."""
-    problem = jpeg_problem(data)
-    if problem:
-        raise Reject(f"JPEG does not decode: {problem}")
-    if not (resize or full_decode):
-        return data
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if not resize:
-                # 1/8-scale DCT decoding still walks every entropy-coded block: broken scans fail here.
-                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-                image.load()
-                return data
-            image = image.convert("RGB")
-            if max(image.size) > resize:
-                image.thumbnail((resize, resize), Image.Resampling.BICUBIC)
-            out = io.BytesIO()
-            image.save(out, format="JPEG", quality=95)
-            return out.getvalue()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise Reject(f"JPEG does not decode ({err})") from None
-
-
-def sample_key(name: str) -> str:
-    """WebDataset splits a key at its first dot, so the key is the name without extension and dots."""
-    stem = name.rsplit("/", 1)[-1]
-    stem = stem.rsplit(".", 1)[0] if "." in stem[1:] else stem
-    return stem.replace(".", "_")

@@ -1,12 +1,20 @@
-"""Write samples into WebDataset tar shards: deterministic, parallel, resumable, never half-written.
+"""The one writer every source shares: samples → WebDataset tar shards + manifest.json.
 
 * Deterministic: samples are cut into shards before any work starts, and every tar member gets the
-  same mtime, owner and mode, so the bytes do not depend on `workers` or on the clock.
+  same mtime, owner and mode, so the bytes depend neither on `workers` nor on `tasks` nor on the clock.
+* Split among tasks: the one-process plan (every shard's name and samples) is cut into N contiguous
+  ranges of shards; task K writes range K (`task_range`). Each task records every finished shard in
+  `.parts/task-K-of-N.jsonl`; `merge` writes sizes.json and manifest.json from those records once
+  every shard is there. One process is task 0 of 1 and merges at its end: the output is the same.
 * Never half-written: a shard is written under a hidden temporary name and renamed when complete;
-  the manifest is written the same way, last.
-* Resumable: after every shard a partial manifest records what is done; a rerun with the same
-  config and sources keeps each shard whose sha256 matches and redoes the rest.
-* Safe: an output made from another config or other sources is refused unless `overwrite`.
+  the record line follows the rename, and the manifest is written last, atomically.
+* Resumable: a rerun (of the whole run or of one killed task) keeps each recorded shard whose size and
+  sha256 still match and redoes the rest; nothing is written twice under a final name.
+* Safe: an output made from another config or other sources is refused unless `overwrite`; every
+  file is written inside `out` (split folders that resolve elsewhere, e.g. through a symlink, are
+  refused, and shard files are opened without following links).
+* Bad input is skipped, never fatal: a sample whose `members()` raises `Reject` is left out of its
+  shard and listed with its kind and reason; the closing line counts them by kind.
 """
 
 from __future__ import annotations
@@ -17,18 +25,23 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import sys
+import zipfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.manifest import FORMAT_VERSION, MANIFEST, PARTIAL, ShardRecord, SplitRecord
+from core.manifest import FORMAT_VERSION, MANIFEST, ShardRecord, SplitRecord
 from plumbing import __version__
 from plumbing.errors import UserError
 from plumbing.files import (
     atomic_write_json,
+    atomic_write_text,
     file_digests,
+    inside,
     is_tmp_name,
     read_json,
     sha256_file,
@@ -39,9 +52,24 @@ from plumbing.tars import end_of_archive, tar_member
 
 log = logging.getLogger("data_prep")
 
+PARTS = ".parts"  # the tasks' records, until the merge
+PLAN = "plan.json"
+_SHARD = re.compile(r"[\w.-]+-\w+-\d{6}\.tar")
+_PART = re.compile(r"task-(\d{5})-of-(\d{5})\.jsonl")
+
 
 class Reject(Exception):
-    """A sample that cannot be used (missing, undecodable): skipped, counted and listed, never fatal."""
+    """A sample that cannot be used (missing, undecodable, no caption): skipped, counted and listed,
+    never fatal. `kind` is the short reason the closing line counts ("missing file")."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(detail or kind)
+        self.kind = kind
+
+
+def rejection(item: str, kind: str, reason: str = "") -> dict[str, str]:
+    """One entry of a manifest's `rejected` lists: what was skipped, its kind, and why in full."""
+    return {"item": item, "kind": kind, "reason": reason or kind}
 
 
 class Sample(Protocol):
@@ -52,10 +80,13 @@ class Sample(Protocol):
         ...
 
 
+# --------------------------------------------------------------------------- describing sources
+
+
 @dataclass(frozen=True)
 class SourceInfo:
     path: str
-    kind: str  # "file" or "folder"
+    kind: str  # "file", "folder" or "zip listing"
     bytes: int
     files: int
     md5: str = ""
@@ -83,6 +114,16 @@ def folder_info(path: Path, files: Sequence[tuple[str, int]]) -> SourceInfo:
     )
 
 
+def zip_info(path: Path, archive: zipfile.ZipFile) -> SourceInfo:
+    """A big zip (COCO's train2017.zip is 18 GB) by its central directory: every member's name, size
+    and CRC-32 (APPNOTE §4.3.12), so that any changed image changes the digest without reading it."""
+    listing = hashlib.sha256()
+    members = archive.infolist()
+    for m in members:
+        listing.update(f"{m.filename}\0{m.file_size}\0{m.CRC:08x}\n".encode())
+    return SourceInfo(str(path), "zip listing", path.stat().st_size, len(members), sha256=listing.hexdigest())
+
+
 def _walk(folder: Path, prefix: str) -> Iterator[tuple[str, int]]:
     with os.scandir(folder) as entries:
         for entry in entries:
@@ -92,24 +133,104 @@ def _walk(folder: Path, prefix: str) -> Iterator[tuple[str, int]]:
                 yield f"{prefix}{entry.name}", entry.stat().st_size
 
 
+# --------------------------------------------------------------------------- the plan
+
+
 @dataclass
 class SplitPlan:
     samples: list[Any]  # objects following the `Sample` protocol (picklable, sent to workers)
-    rejected: list[dict[str, str]] = field(default_factory=list)  # found before writing (e.g. missing image)
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    split: str
-    path: Path
-    samples: list[Any]
+    rejected: list[dict[str, str]] = field(default_factory=list)  # found before writing (e.g. no caption)
 
 
 @dataclass(frozen=True)
 class ShardResult:
     split: str
-    record: ShardRecord
+    name: str
+    record: ShardRecord | None  # None: nothing usable (an indexed shard that is not a whole tar)
     rejected: list[dict[str, str]]
+
+    @property
+    def key(self) -> str:
+        return f"{self.split}/{self.name}"
+
+
+class Job(Protocol):
+    """One shard's work: written from samples (`ShardJob`) or an existing one described (index)."""
+
+    split: str
+    name: str
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def units(self) -> int: ...
+
+    def owns(self, item: str) -> bool: ...
+
+    def run(self) -> ShardResult: ...
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    split: str
+    name: str
+    path: Path
+    samples: list[Any]
+
+    @property
+    def key(self) -> str:
+        return f"{self.split}/{self.name}"
+
+    @property
+    def units(self) -> int:
+        return len(self.samples)
+
+    def owns(self, item: str) -> bool:
+        return any(_item(s) == item for s in self.samples)
+
+    def run(self) -> ShardResult:
+        """Build every sample and write them as one tar, atomically. Runs in a worker."""
+        rejected: list[dict[str, str]] = []
+        count = 0
+        tmp = tmp_name(self.path)
+        try:
+            out = _ShardFile(tmp)
+            try:
+                for sample in self.samples:
+                    try:
+                        members = sample.members()
+                    except Reject as why:
+                        rejected.append(rejection(_item(sample), why.kind, str(why)))
+                        continue
+                    out.write(
+                        [
+                            part
+                            for ext in sorted(members)
+                            for part in tar_member(f"{sample.key}.{ext}", members[ext])
+                        ]
+                    )
+                    count += 1
+                out.write([end_of_archive(out.size)])
+            finally:
+                digest = out.close()
+            # A rename, not fsync + rename: a killed process never leaves a partial shard under a
+            # final name, and after a machine crash every shard is checked against its recorded size
+            # and sha256 (on rerun here, before training in the trainer) instead. Nothing data_prep
+            # writes is fsynced: per shard it cost ~30 µs/image, and one fsync at the end flushes all.
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return ShardResult(self.split, self.name, ShardRecord(self.name, count, out.size, digest), rejected)
+
+
+def _item(sample: Any) -> str:
+    """What a rejected sample is called: its `item` (a path, a file:line) when it has one, else its key."""
+    return str(getattr(sample, "item", "") or sample.key)
+
+
+def run_job(job: Job) -> ShardResult:
+    return job.run()
 
 
 class _ShardFile:
@@ -120,7 +241,8 @@ class _ShardFile:
     """
 
     def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # O_NOFOLLOW: a link planted under the temporary name cannot redirect the write out of `out`.
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         self.size = 0
         self._sha = hashlib.sha256()
 
@@ -139,96 +261,36 @@ class _ShardFile:
         return self._sha.hexdigest()
 
 
-def write_shard(job: ShardJob) -> ShardResult:
-    """Build every sample of `job` and write them as one tar, atomically. Runs in a worker."""
-    rejected: list[dict[str, str]] = []
-    count = 0
-    tmp = tmp_name(job.path)
-    try:
-        out = _ShardFile(tmp)
-        try:
-            for sample in job.samples:
-                try:
-                    members = sample.members()
-                except Reject as why:
-                    rejected.append({"item": sample.key, "reason": str(why)})
-                    continue
-                out.write(
-                    [
-                        part
-                        for ext in sorted(members)
-                        for part in tar_member(f"{sample.key}.{ext}", members[ext])
-                    ]
-                )
-                count += 1
-            out.write([end_of_archive(out.size)])
-        finally:
-            digest = out.close()
-        # A rename, not fsync + rename: a killed process never leaves a partial shard under a final
-        # name, and after a machine crash every shard is checked against its recorded size and
-        # sha256 (on rerun here, before training in the trainer) instead. Nothing data_prep writes
-        # is fsynced: per shard it cost ~30 µs/image, and one fsync at the end flushes every shard.
-        os.replace(tmp, job.path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return ShardResult(job.split, ShardRecord(job.path.name, count, out.size, digest), rejected)
-
-
 def shard_name(dataset: str, split: str, index: int) -> str:
     return f"{dataset}-{split}-{index:06d}.tar"
 
 
-def _plan(out: Path, dataset: str, splits: dict[str, SplitPlan], shard_size: int) -> list[ShardJob]:
+def plan_shards(out: Path, dataset: str, splits: dict[str, SplitPlan], shard_size: int) -> list[ShardJob]:
+    """Every shard of every split, in order: `shard_size` samples each, the last of a split the rest."""
     jobs = []
     for split, plan in splits.items():
         for index, start in enumerate(range(0, len(plan.samples), shard_size)):
-            path = out / split / shard_name(dataset, split, index)
-            jobs.append(ShardJob(split, path, plan.samples[start : start + shard_size]))
+            name = shard_name(dataset, split, index)
+            jobs.append(ShardJob(split, name, out / split / name, plan.samples[start : start + shard_size]))
     return jobs
+
+
+def task_range(count: int, task: int, tasks: int) -> range:
+    """The shards (indices into the plan) of task `task` of `tasks`: contiguous, sizes differing by at
+    most one, a pure function of the plan's length, so every task cuts the same plan the same way."""
+    return range(count * task // tasks, count * (task + 1) // tasks)
+
+
+def owner(index: int, count: int, tasks: int) -> int:
+    """The task whose `task_range` holds shard `index`."""
+    return next(t for t in range(tasks) if index in task_range(count, t, tasks))
 
 
 def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _ours(out: Path, dataset_pattern: re.Pattern[str]) -> list[Path]:
-    """Files in `out` with names this tool writes (shards, sizes.json, manifests, temporaries)."""
-    found = [p for p in (out / MANIFEST, out / PARTIAL) if p.exists()]
-    for sub in sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []:
-        for p in sub.iterdir():
-            if p.is_file() and (
-                dataset_pattern.fullmatch(p.name) or p.name == "sizes.json" or is_tmp_name(p.name)
-            ):
-                found.append(p)
-    return found
-
-
-def _previous(out: Path, fp: str, overwrite: bool) -> dict[str, Any]:
-    """The manifest (final or partial) of an earlier run with the same fingerprint, else {}.
-
-    An earlier output made from another config or other sources is refused unless `overwrite`.
-    """
-    existing = _ours(out, re.compile(r"[\w.-]+-\w+-\d{6}\.tar"))
-    for candidate in (out / MANIFEST, out / PARTIAL):
-        if candidate.exists():
-            old = read_json(candidate)
-            if old.get("fingerprint") == fp:
-                return old
-            break
-    else:
-        finals = [p for p in existing if not is_tmp_name(p.name)]
-        if not finals:
-            return {}
-        candidate = finals[0]
-    if not overwrite:
-        raise UserError(
-            f"{out} already holds a different prep ({candidate.relative_to(out)} was made from another config "
-            "or other sources); pass --overwrite to replace it, or choose another --out"
-        )
-    for p in existing:
-        p.unlink()
-    log.info("--overwrite: removed %d files of the earlier prep in %s", len(existing), out)
-    return {}
+# --------------------------------------------------------------------------- writing
 
 
 class Writers:
@@ -250,114 +312,318 @@ class Writers:
             self._pool.terminate() if exc[0] else self._pool.close()
             self._pool.join()
 
-    def run(self, jobs: list[ShardJob]) -> Iterator[ShardResult]:
+    def run(self, jobs: Sequence[Job]) -> Iterator[ShardResult]:
         """Results in completion order; in this process when there is one worker."""
         if self._pool is None or len(jobs) <= 1:
-            return map(write_shard, jobs)
-        return self._pool.imap_unordered(write_shard, jobs)
+            return map(run_job, jobs)
+        return self._pool.imap_unordered(run_job, jobs)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run did: the manifest when the output is complete, else this task's share."""
+
+    manifest: dict[str, Any] | None
+    task: int
+    tasks: int
+    shards: range  # this task's shards, as indices into the plan
+    total: int  # shards in the plan
+    kept: int  # found complete and verified
+    written: int
 
 
 def write_dataset(
     out: Path,
     dataset: str,
-    splits: dict[str, SplitPlan],
+    jobs: Sequence[Job],
+    rejected: dict[str, list[dict[str, str]]],
     *,
     shard_size: int,
     writers: Writers,
     overwrite: bool,
     identity: dict[str, Any],
     extra: dict[str, Any],
+    task: int = 0,
+    tasks: int = 1,
     show_progress: bool = True,
-) -> dict[str, Any]:
-    """Write (or complete) `out`: shards per split, sizes.json per split, manifest.json. Returns it."""
+    unit: str = "img",
+) -> Outcome:
+    """Write (or complete) task `task`'s shards of `out`; with one task also merge: sizes.json per
+    split and manifest.json. `rejected` holds every split (in order) with what planning rejected."""
     out.mkdir(parents=True, exist_ok=True)
+    for split in rejected:
+        inside(out, split).mkdir(exist_ok=True)  # a split folder that resolves elsewhere is refused
     fp = fingerprint({"dataset": dataset, "shard_size": shard_size, **identity})
-    old = _previous(out, fp, overwrite)
-    old_records = {r["name"]: ShardRecord(**r) for sp in old.get("splits", {}).values() for r in sp["shards"]}
-    jobs = _plan(out, dataset, splits, shard_size)
-    for split in splits:
-        (out / split).mkdir(exist_ok=True)
-        for stale in (out / split).iterdir():
-            if is_tmp_name(stale.name):
-                stale.unlink()  # left by a killed run: never a final name, safe to drop
+    old = _previous(out, fp, overwrite, tasks)
+    mine = task_range(len(jobs), task, tasks)
+    if old and tasks > 1:
+        log.info("%s is complete already (%s): nothing to do for task %d", out, MANIFEST, task)
+        return Outcome(old, task, tasks, mine, len(jobs), len(mine), 0)
+    plan = {
+        "fingerprint": fp,
+        "dataset": dataset,
+        "jobs": [[j.split, j.name] for j in jobs],
+        "rejected": rejected,
+        "identity": identity,
+        "extra": extra,
+    }
+    # Through JSON and back, so that one process and a merge of N tasks build the manifest from equal values.
+    plan = json.loads(json.dumps(plan, default=str))
+    atomic_write_json(out / PARTS / PLAN, plan, durable=False)
 
-    done: dict[str, ShardResult] = {}
-    todo = []
-    for job in jobs:
-        record = old_records.get(job.path.name)
-        if (
-            record
-            and job.path.is_file()
-            and job.path.stat().st_size == record.bytes
-            and sha256_file(job.path) == record.sha256
-        ):
-            done[job.path.name] = ShardResult(job.split, record, _rejected_of(old, job))
-        else:
-            todo.append(job)
-    if done:
-        log.info("resuming: %d of %d shards already complete and verified", len(done), len(jobs))
-
-    def manifest(partial: bool) -> dict[str, Any]:
-        return _manifest(dataset, fp, splits, jobs, done, identity, extra, partial)
-
-    total = sum(len(j.samples) for j in jobs)
-    bar = progress(total, f"{dataset} shards", "img", enabled=show_progress)
-    bar.update(sum(len(j.samples) for j in jobs if j.path.name in done))
-    for result in writers.run(todo):
-        done[result.record.name] = result
-        # Not fsynced: it only guides a rerun, which re-hashes every shard it keeps anyway.
-        atomic_write_json(out / PARTIAL, manifest(partial=True), durable=False)
-        bar.update(result.record.num_samples + len(result.rejected))
+    my_jobs = [jobs[i] for i in mine]
+    known = _known(out, old, jobs)
+    kept = [known[j.key] for j in my_jobs if j.key in known and _intact(out, known[j.key])]
+    if kept:
+        log.info("resuming: %d of %d shards already complete and verified", len(kept), len(my_jobs))
+    _drop_stale_temporaries(out, my_jobs)
+    done = {r.key for r in kept}
+    todo = [j for j in my_jobs if j.key not in done]
+    units = {j.key: j.units for j in todo}
+    bar = progress(sum(j.units for j in my_jobs), f"{dataset} shards", unit, enabled=show_progress)
+    bar.update(sum(j.units for j in my_jobs) - sum(units.values()))
+    with _PartLog(out / PARTS / f"task-{task:05d}-of-{tasks:05d}.jsonl", kept) as part:
+        for result in writers.run(todo):
+            part.append(result)
+            bar.update(units[result.key])
     bar.close()
+    manifest = merge(out) if tasks == 1 else None
+    return Outcome(manifest, task, tasks, mine, len(jobs), len(kept), len(todo))
 
-    final = manifest(partial=False)
+
+class _PartLog:
+    """A task's record of finished shards, one JSON line each. Opened by rewriting it with what was
+    verified (so that a line torn by a kill is gone), then appended to after every shard's rename."""
+
+    def __init__(self, path: Path, kept: list[ShardResult]) -> None:
+        atomic_write_text(path, "".join(_line(r) for r in kept), durable=False)
+        self.file = open(path, "a", encoding="utf-8")  # closed in __exit__
+
+    def __enter__(self) -> _PartLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def append(self, result: ShardResult) -> None:
+        self.file.write(_line(result))
+        self.file.flush()  # not fsynced: it only guides a rerun, which re-hashes every shard it keeps
+
+
+def _line(result: ShardResult) -> str:
+    record = None if result.record is None else asdict(result.record)
+    entry = {"split": result.split, "name": result.name, "record": record, "rejected": result.rejected}
+    return json.dumps(entry) + "\n"
+
+
+def _part_records(out: Path) -> tuple[dict[str, ShardResult], set[int]]:
+    """Every shard recorded by any task (a later line wins), and the task counts the records used."""
+    found: dict[str, ShardResult] = {}
+    counts: set[int] = set()
+    folder = out / PARTS
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = _PART.fullmatch(path.name)
+        if not match:
+            continue
+        counts.add(int(match.group(2)))
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                record = None if entry["record"] is None else ShardRecord(**entry["record"])
+                result = ShardResult(entry["split"], entry["name"], record, list(entry["rejected"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line torn by a kill: that shard is redone
+            found[result.key] = result
+    return found, counts
+
+
+def _known(out: Path, old: dict[str, Any], jobs: Sequence[Job]) -> dict[str, ShardResult]:
+    """What earlier runs with this fingerprint finished: the manifest's shards, then the tasks' records."""
+    by_key = {j.key: j for j in jobs}
+    known: dict[str, ShardResult] = {}
+    # Which shard a rejected sample belonged to: a dict for written shards (a manifest may list
+    # thousands), the job's own test for the others.
+    owner_of = {_item(s): j.key for j in jobs if isinstance(j, ShardJob) for s in j.samples}
+    for split, entry in old.get("splits", {}).items():
+        for raw in entry["shards"]:
+            job = by_key.get(f"{split}/{raw['name']}")
+            if job is not None:
+                mine = [
+                    r
+                    for r in entry.get("rejected", [])
+                    if owner_of.get(str(r.get("item"))) == job.key
+                    or (not isinstance(job, ShardJob) and job.owns(str(r.get("item"))))
+                ]
+                known[job.key] = ShardResult(split, job.name, ShardRecord(**raw), mine)
+    records, _ = _part_records(out)
+    known.update({k: r for k, r in records.items() if k in by_key})
+    return known
+
+
+def _shard_path(out: Path, result: ShardResult) -> Path:
+    assert result.record is not None
+    return Path(result.record.path) if result.record.path else out / result.split / result.name
+
+
+def _intact(out: Path, result: ShardResult) -> bool:
+    """A recorded shard is still what was recorded: same size, same sha256 (a skipped one is redone)."""
+    if result.record is None:
+        return False
+    path = _shard_path(out, result)
+    return (
+        path.is_file()
+        and path.stat().st_size == result.record.bytes
+        and sha256_file(path) == result.record.sha256
+    )
+
+
+def _drop_stale_temporaries(out: Path, jobs: Sequence[Job]) -> None:
+    """Temporaries left by a killed run of these shards: never a final name, safe to drop. Only this
+    task's: a sibling task writing into the same folder keeps its own."""
+    names: dict[str, set[str]] = {}
+    for job in jobs:
+        names.setdefault(job.split, set()).add(job.name)
+    for split, mine in names.items():
+        for path in (out / split).iterdir():
+            if is_tmp_name(path.name) and path.name[1 : path.name.rfind(".tmp-")] in mine:
+                path.unlink(missing_ok=True)
+
+
+def _ours(out: Path) -> list[Path]:
+    """Files in `out` with names this tool writes (shards, sizes.json, manifest, temporaries)."""
+    found = [out / MANIFEST] if (out / MANIFEST).exists() else []
+    for sub in sorted(p for p in out.iterdir() if p.is_dir() and p.name != PARTS) if out.is_dir() else []:
+        for p in sub.iterdir():
+            if p.is_file() and (_SHARD.fullmatch(p.name) or p.name == "sizes.json" or is_tmp_name(p.name)):
+                found.append(p)
+    return found
+
+
+def _previous(out: Path, fp: str, overwrite: bool, tasks: int) -> dict[str, Any]:
+    """The manifest of a finished run with this fingerprint, else {}. An output made from another
+    config or other sources is refused unless `overwrite` (and never removed by one of N tasks:
+    they would remove each other's fresh shards)."""
+    manifest = read_json(out / MANIFEST) if (out / MANIFEST).exists() else {}
+    plan = read_json(out / PARTS / PLAN) if (out / PARTS / PLAN).exists() else {}
+    prints = {record.get("fingerprint") for record in (manifest, plan) if record}
+    existing = _ours(out)
+    if prints == {fp}:
+        return manifest
+    if not prints and not [p for p in existing if not is_tmp_name(p.name)]:
+        return {}
+    clash = (
+        MANIFEST if manifest.get("fingerprint", fp) != fp else f"{PARTS}/{PLAN}" if plan else existing[0].name
+    )
+    if not overwrite:
+        raise UserError(
+            f"{out} already holds a different prep ({clash} was made from another config or other sources); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    if tasks > 1:
+        raise UserError(
+            f"{out} holds another prep, and --overwrite with --tasks > 1 would let the tasks delete each "
+            "other's shards: remove it first (or choose another --out)"
+        )
+    for p in existing:
+        p.unlink()
+    shutil.rmtree(out / PARTS, ignore_errors=True)
+    log.info("--overwrite: removed %d files of the earlier prep in %s", len(existing), out)
+    return {}
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def merge(out: Path) -> dict[str, Any]:
+    """Write sizes.json per split and manifest.json from the tasks' records, once every shard of the
+    plan is recorded and on disk at its recorded size; else one line naming the tasks to rerun."""
+    plan_path = out / PARTS / PLAN
+    if not plan_path.exists():
+        if (out / MANIFEST).exists():
+            return read_json(out / MANIFEST)  # merged already
+        raise UserError(
+            f"{out}: nothing to merge (no {PARTS}/{PLAN}): run the prep tasks first, with this --out"
+        )
+    plan = read_json(plan_path)
+    records, counts = _part_records(out)
+    keys = [f"{split}/{name}" for split, name in plan["jobs"]]
+    missing = [i for i, key in enumerate(keys) if key not in records or not _present(out, records[key])]
+    if missing:
+        raise UserError(_not_finished(out, keys, missing, counts))
+    splits = {
+        split: [records[f"{s}/{n}"] for s, n in plan["jobs"] if s == split] for split in plan["rejected"]
+    }
+    manifest = _manifest(plan, splits)
     for split in splits:
-        sizes = {s["name"]: s["num_samples"] for s in final["splits"][split]["shards"]}
+        sizes = {s["name"]: s["num_samples"] for s in manifest["splits"][split]["shards"]}
         atomic_write_json(out / split / "sizes.json", sizes, durable=False)
-    atomic_write_json(out / MANIFEST, final, durable=False)
-    (out / PARTIAL).unlink(missing_ok=True)
-    return final
+    atomic_write_json(out / MANIFEST, manifest, durable=False)
+    shutil.rmtree(out / PARTS, ignore_errors=True)
+    return manifest
 
 
-def _rejected_of(old: dict[str, Any], job: ShardJob) -> list[dict[str, str]]:
-    keys = {s.key for s in job.samples}
-    rejected = old.get("splits", {}).get(job.split, {}).get("rejected", [])
-    return [r for r in rejected if r.get("item") in keys]
+def _present(out: Path, result: ShardResult) -> bool:
+    if result.record is None:
+        return True  # recorded as skipped: nothing to find
+    path = _shard_path(out, result)
+    return path.is_file() and path.stat().st_size == result.record.bytes
 
 
-def _manifest(
-    dataset: str,
-    fp: str,
-    splits: dict[str, SplitPlan],
-    jobs: list[ShardJob],
-    done: dict[str, ShardResult],
-    identity: dict[str, Any],
-    extra: dict[str, Any],
-    partial: bool,
-) -> dict[str, Any]:
+def _not_finished(out: Path, keys: list[str], missing: list[int], counts: set[int]) -> str:
+    first = keys[missing[0]].split("/", 1)[1]
+    what = f"{len(missing)} of {len(keys)} shards are not there yet (first: {first})"
+    if len(counts) != 1:
+        return f"{out}: {what}: run or rerun the prep tasks with this --out, then merge again"
+    tasks = counts.pop()
+    owners = sorted({owner(i, len(keys), tasks) for i in missing})
+    listed = ", ".join(map(str, owners))
+    return (
+        f"{out}: tasks {listed} of {tasks} have not finished: {what}; rerun them with --tasks {tasks} "
+        f"--task K (on Slurm: TASKS={tasks} sbatch --array={','.join(map(str, owners))} launch/prep.sbatch), "
+        "then merge again"
+    )
+
+
+def _manifest(plan: dict[str, Any], splits: dict[str, list[ShardResult]]) -> dict[str, Any]:
     records: dict[str, SplitRecord] = {}
-    for split, plan in splits.items():
-        results = [done[j.path.name] for j in jobs if j.split == split and j.path.name in done]
-        rejected = list(plan.rejected) + [r for res in results for r in res.rejected]
-        records[split] = SplitRecord([r.record for r in results], sorted(rejected, key=lambda r: r["item"]))
+    for split, results in splits.items():
+        rejected = list(plan["rejected"][split]) + [r for res in results for r in res.rejected]
+        shards = [res.record for res in results if res.record is not None]
+        records[split] = SplitRecord(shards, sorted(rejected, key=lambda r: r["item"]))
     return {
         "format_version": FORMAT_VERSION,
-        "dataset": dataset,
-        "complete": not partial,
-        "fingerprint": fp,
+        "dataset": plan["dataset"],
+        "complete": True,
+        "fingerprint": plan["fingerprint"],
         "created_by": f"data_prep {__version__}",
         "splits": {name: rec.to_dict() for name, rec in records.items()},
-        **extra,
-        **identity,
+        **plan["extra"],
+        **plan["identity"],
     }
 
 
+# --------------------------------------------------------------------------- reporting
+
+
+def skipped(manifest: dict[str, Any]) -> Counter[str]:
+    """Rejected items by kind, over every split and the top-level list."""
+    entries = [r for s in manifest["splits"].values() for r in s["rejected"]] + list(
+        manifest.get("rejected", [])
+    )
+    return Counter(str(r.get("kind") or r.get("reason", "other")) for r in entries)
+
+
 def summary(manifest: dict[str, Any], out: Path) -> str:
+    """The closing line: samples per split, then what was skipped by kind (`2 skipped: 1 missing file,
+    1 unreadable image`)."""
     parts = [
         f"{name} {s['num_samples']} samples in {s['num_shards']} shards"
-        + (f" ({len(s['rejected'])} rejected)" if s["rejected"] else "")
         for name, s in manifest["splits"].items()
     ]
-    other = len(manifest.get("rejected", []))
-    tail = f"; {other} other items rejected" if other else ""
-    return f"{manifest['dataset']} → {out}: " + ", ".join(parts) + tail + f" (details in {out / MANIFEST})"
+    total = sum(s["num_samples"] for s in manifest["splits"].values())
+    counts = skipped(manifest)
+    tail = ""
+    if counts:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        tail = f"; {sum(counts.values())} skipped: {kinds}"
+    return f"{manifest['dataset']} → {out}: {total} samples ({', '.join(parts)}){tail} (details in {out / MANIFEST})"

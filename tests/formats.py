@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import tarfile
 import zipfile
 from pathlib import Path
@@ -142,3 +143,197 @@ class FlickrFixture:
                 for c in caps:
                     writer.writerow([name, c])
         return images, root / "captions.txt"
+
+
+# --------------------------------------------------------------------------- data users bring
+
+
+def picture(seed: int, size: tuple[int, int] = (64, 48), fmt: str = "JPEG") -> bytes:
+    """A small photo-like image in `fmt` (JPEG, PNG, WEBP, GIF, BMP)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+class CocoFixture:
+    """COCO captions 2017 as the official release ships it (annotations/captions_{train,val}2017.json,
+    train2017/, val2017/, or the three zips), with its quirks: 5–7 captions per image, captions with
+    stray spaces and newlines, and the faults users meet: an empty caption, an image the JSON lists
+    but the folder lacks, captions of an image id the JSON does not list, a truncated JPEG."""
+
+    def __init__(self, train: int = 6, val: int = 3) -> None:
+        self.files: dict[str, dict[str, bytes]] = {}
+        self.captions: dict[str, dict[str, list[str]]] = {}  # split → file name → cleaned captions
+        self.json: dict[str, dict] = {}
+        self.missing: dict[str, str] = {}  # split → the image its JSON lists but its folder lacks
+        ann_id = 1000
+        for split, n, base in (("train", train, 100), ("val", val, 900)):
+            images, annotations, files, expected = [], [], {}, {}
+            for i in range(n):
+                image_id = base + 7 * i
+                name = f"{image_id:012d}.jpg"
+                images.append({"id": image_id, "file_name": name, "width": 64, "height": 48, "license": 1})
+                files[name] = picture(image_id)
+                texts = [f"A photo number {i} of the {split} set, take {k}." for k in range(5 + i % 3)]
+                expected[name] = texts
+                for k, text in enumerate(texts):
+                    raw = f"  {text}\n" if k == 1 else text  # COCO's stray spaces and newlines
+                    annotations.append({"id": ann_id, "image_id": image_id, "caption": raw})
+                    ann_id += 1
+            # an empty caption among an image's others, then the faults
+            annotations.append({"id": ann_id, "image_id": images[0]["id"], "caption": " \n"})
+            annotations.append({"id": ann_id + 1, "image_id": 999999, "caption": "An image nobody listed."})
+            ann_id += 2
+            self.missing[split] = f"{base + 5000:012d}.jpg"
+            images.append({"id": base + 5000, "file_name": self.missing[split], "width": 64, "height": 48})
+            annotations.append({"id": ann_id, "image_id": base + 5000, "caption": "Its file is gone."})
+            ann_id += 1
+            self.json[split] = {
+                "info": {"description": "COCO 2017 Dataset", "year": 2017},
+                "licenses": [{"id": 1, "name": "Attribution License"}],
+                "images": images,
+                "annotations": annotations,
+            }
+            self.files[split], self.captions[split] = files, expected
+        self.corrupt = sorted(self.files["train"])[2]
+        self.files["train"][self.corrupt] = self.files["train"][self.corrupt][:300]
+
+    def write_folders(self, root: Path) -> Path:
+        (root / "annotations").mkdir(parents=True)
+        for split in ("train", "val"):
+            (root / "annotations" / f"captions_{split}2017.json").write_text(json.dumps(self.json[split]))
+            (root / f"{split}2017").mkdir()
+            for name, data in self.files[split].items():
+                (root / f"{split}2017" / name).write_bytes(data)
+        return root
+
+    def write_zips(self, root: Path) -> Path:
+        root.mkdir(parents=True)
+        with zipfile.ZipFile(root / "annotations_trainval2017.zip", "w") as z:
+            for split in ("train", "val"):
+                z.writestr(f"annotations/captions_{split}2017.json", json.dumps(self.json[split]))
+                z.writestr(
+                    f"annotations/instances_{split}2017.json", json.dumps({"images": [], "annotations": []})
+                )
+        for split in ("train", "val"):
+            with zipfile.ZipFile(root / f"{split}2017.zip", "w") as z:
+                for name, data in self.files[split].items():
+                    z.writestr(f"{split}2017/{name}", data)
+        return root
+
+
+class TableFixture:
+    """An open_clip CSV (tab-separated, columns filepath and title) over images in several formats,
+    one row per (image, caption), paths relative to the table (`../` included) and absolute, and the
+    faults users meet: a missing file, an empty caption, a truncated JPEG, a text file named .jpg."""
+
+    def __init__(self, root: Path, n: int = 12) -> None:
+        images, lists = root / "images", root / "lists"
+        images.mkdir(parents=True)
+        lists.mkdir()
+        formats = ["JPEG", "JPEG", "PNG", "WEBP", "GIF"]
+        self.expected: dict[str, list[str]] = {}  # image path relative to lists/ → captions
+        rows: list[tuple[str, str]] = []
+        for i in range(n):
+            fmt = formats[i % len(formats)]
+            name = f"img {i:03d}.{'jpg' if fmt == 'JPEG' else fmt.lower()}"
+            (images / name).write_bytes(picture(i, (40 + i, 30 + 2 * i), fmt))
+            path = f"../images/{name}" if i % 4 else str((images / name).resolve())
+            captions = [f"picture {i}, first caption", f'picture {i} said "twice"'][: 1 + i % 2]
+            rows += [(path, c) for c in captions]
+            self.expected[f"../images/{name}"] = captions
+        (images / "broken.jpg").write_bytes(picture(99)[:200])
+        (images / "notes.jpg").write_text("not an image at all\n")
+        rows += [("../images/gone.jpg", "a missing file"), ("../images/img 001.jpg", "  ")]
+        rows += [("../images/broken.jpg", "a truncated JPEG"), ("../images/notes.jpg", "a text file")]
+        self.path = lists / "train.tsv"
+        with open(self.path, "w", newline="") as f:
+            writer = csv.writer(f, delimiter="\t")
+            writer.writerow(["filepath", "title"])
+            writer.writerows(rows)
+        self.rows = rows
+
+
+def write_imagefolder(root: Path) -> dict[str, dict[str, list[str]]]:
+    """Hugging Face's imagefolder with split folders (train/, validation/) each holding a
+    metadata.jsonl (file_name + text), an image in a class sub-folder, a PNG; and the faults: an image
+    no row names, a row whose image is missing, a file_name that leaves the folder. Returns split →
+    image path (relative to root) → captions."""
+    expected: dict[str, dict[str, list[str]]] = {}
+    for split, n in (("train", 6), ("validation", 3)):
+        folder = root / split
+        (folder / "cats").mkdir(parents=True)
+        rows, expected[split] = [], {}
+        for i in range(n):
+            name = f"cats/{i:02d}.png" if i == 1 else f"{i:02d}.jpg"
+            (folder / name).write_bytes(picture(10 * i + n, fmt="PNG" if i == 1 else "JPEG"))
+            text = f"{split} picture {i}"
+            rows.append({"file_name": name, "text": text, "extra": i})
+            expected[split][f"{split}/{name}"] = [text]
+        (folder / "unlisted.jpg").write_bytes(picture(77))
+        rows.append({"file_name": "missing.jpg", "text": "gone"})
+        rows.append({"file_name": "../../outside.jpg", "text": "escapes"})
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return expected
+
+
+def write_img2dataset(root: Path, shards: int = 2, per_shard: int = 5) -> dict[str, str]:
+    """img2dataset's `output_format=webdataset` output: `00000.tar`, … of samples keyed
+    `{shard:05d}{offset:04d}` with `.jpg`, `.txt` and `.json` (written by webdataset's TarWriter, as
+    img2dataset's writer does), beside each a `.parquet` stand-in and `_stats.json`. Returns key →
+    caption."""
+    import webdataset as wds
+
+    root.mkdir(parents=True)
+    captions = {}
+    for shard in range(shards):
+        with open(root / f"{shard:05d}.tar", "wb") as f:
+            writer = wds.TarWriter(f)
+            for offset in range(per_shard):
+                key = f"{shard:05d}{offset:04d}"
+                caption = f"laion-style caption {shard}-{offset}"
+                meta = {
+                    "url": f"https://example.com/{key}.jpg",
+                    "caption": caption,
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                    "width": 64,
+                    "height": 48,
+                    "original_width": 640,
+                    "original_height": 480,
+                    "exif": "{}",
+                    "sha256": "0" * 64,
+                }
+                writer.write(
+                    {
+                        "__key__": key,
+                        "jpg": picture(shard * 100 + offset),
+                        "txt": caption,
+                        "json": json.dumps(meta, indent=4),
+                    }
+                )
+                captions[key] = caption
+            writer.close()
+        (root / f"{shard:05d}.parquet").write_bytes(b"PAR1 stand-in PAR1")
+        stats = {"count": per_shard, "successes": per_shard, "failed_to_download": 0, "failed_to_resize": 0}
+        (root / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
+    return captions
+
+
+def write_readme_examples(work: Path) -> None:
+    """The files the README's "Your own data" commands name, in `work` (tests/test_docs.py runs every
+    `python -m data_prep` line of the README there): coco/, train.tsv with its pictures,
+    my-imagefolder/, laion/ (img2dataset shards)."""
+    CocoFixture().write_folders(work / "coco")
+    pictures = work / "pictures"
+    pictures.mkdir()
+    rows = []
+    for i in range(8):
+        (pictures / f"{i:03d}.jpg").write_bytes(picture(i))
+        rows.append(f"pictures/{i:03d}.jpg\tpicture number {i}\n")
+    (work / "train.tsv").write_text("filepath\ttitle\n" + "".join(rows))
+    write_imagefolder(work / "my-imagefolder")
+    write_img2dataset(work / "laion")
