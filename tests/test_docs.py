@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from plumbing.config import field_docs, walk_schema
+from tests.formats import write_readme_examples
 from tests.helpers import PY, ROOT, env, run
 from tools.config_reference import JOBS, render
 
@@ -130,6 +131,7 @@ def test_readme_data_prep_commands_run_on_files_in_the_official_formats(tmp_path
     run([PY, "-m", "data_prep", "synthetic", "--out", str(raw), *small])
     work = tmp_path / "work"
     work.mkdir()
+    write_readme_examples(work)  # the COCO folders, table, imagefolder and shards the README's lines name
     for name in ("cifar-10-python.tar.gz", "Flickr8k_Dataset.zip", "Flickr8k_text.zip"):
         shutil.copy(raw / name, work / name)
     with tarfile.open(work / "cifar-10-python.tar.gz") as tar:
