@@ -31,6 +31,7 @@ from plumbing.logs import setup_logging
 from trainer.config import TrainConfig
 from trainer.engine import adamw, lr_lambda, param_groups
 from trainer.run import RunFolder
+from trainer.tasks.diffusion.data import to_unit_range
 from trainer.tasks.diffusion.objective import denoising_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,8 @@ class BareLoop:
             g = torch.Generator(self.device).manual_seed(i)
             start = time.perf_counter()
             with torch.no_grad():
-                posterior = self.vae.encode(batch["pixel_values"].to(self.device, self.dtype)).latent_dist
+                pixels = to_unit_range(batch["pixel_values"].to(self.device), self.dtype)
+                posterior = self.vae.encode(pixels).latent_dist
                 latents = posterior.sample(generator=g).float() * self.vae.config.scaling_factor
                 hidden = self.text(batch["input_ids"].to(self.device))[0]
             if self.device.startswith("cuda"):
@@ -79,7 +81,7 @@ def batches(task: Any, n: int, batch: int) -> list[dict[str, Any]]:
     )
     return [
         {
-            "pixel_values": torch.rand(batch, 3, task.side, task.side, generator=g) * 2 - 1,
+            "pixel_values": torch.randint(0, 256, (batch, 3, task.side, task.side), generator=g).byte(),
             "input_ids": ids,
             "keys": [str(i) for i in range(batch)],
             "skipped": 0,

@@ -51,7 +51,7 @@ def batches(task: Any, n: int, image_size: int) -> list[dict[str, Any]]:
     tokens = task.collate.tokenize(texts)
     return [
         {
-            "pixel_values": torch.randn(BATCH, 3, image_size, image_size, generator=g),
+            "pixel_values": torch.randint(0, 256, (BATCH, 3, image_size, image_size), generator=g).byte(),
             "keys": [str(i) for i in range(BATCH)],
             "skipped": 0,
             **tokens,
@@ -61,10 +61,10 @@ def batches(task: Any, n: int, image_size: int) -> list[dict[str, Any]]:
 
 
 class BareLoop:
-    """The same training step written plainly: forward, loss, backward, clip, AdamW, schedule."""
+    """The same training step written plainly: normalise, forward, loss, backward, clip, AdamW, schedule."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, steps: int) -> None:
-        self.model, self.clip = model, cfg.optim.grad_clip
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, steps: int, normalise: Any) -> None:
+        self.model, self.clip, self.normalise = model, cfg.optim.grad_clip, normalise
         o = cfg.optim
         self.opt = adamw(param_groups(model, o.weight_decay), o)  # the trainer's own optimizer
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(o.warmup_steps, steps, 0.0))
@@ -72,7 +72,7 @@ class BareLoop:
     def epoch(self, data: list[dict[str, Any]]) -> None:
         for batch in data:
             image, text, scale = self.model(
-                batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+                self.normalise(batch["pixel_values"]), batch["input_ids"], batch["attention_mask"]
             )
             loss = contrastive_loss(image.float(), text.float(), scale.float())
             loss.backward()
@@ -92,7 +92,8 @@ def step_times(
         cfg.deepspeed.zero_stage = stage
         runners[f"zero{stage}"] = TrainerLoop(cfg, run, f"zero{stage}", BATCH)
     torch.manual_seed(0)
-    runners["bare"] = BareLoop(runners["zero0"].task.build(), cfg, len(data))
+    task = runners["zero0"].task
+    runners["bare"] = BareLoop(task.build(), cfg, len(data), task.collate.normalise)
     best: dict[str, float] = {name: float("inf") for name in runners}
     for _ in range(repeat):
         for name, runner in runners.items():

@@ -227,15 +227,17 @@ class Embedder:
         )
 
     def pixels(self, pictures: list[Image.Image]) -> torch.Tensor:
-        """The model's input for these pictures (uint8 transform, then the batch normalisation)."""
+        """The model's input for these pictures on its device (uint8 transform, then the batch
+        normalisation there)."""
         fixed = random.Random(0)  # the evaluation transform draws nothing
-        return self.collate.normalise(torch.stack([self.transform(p, fixed) for p in pictures]))
+        uint8 = torch.stack([self.transform(p, fixed) for p in pictures])
+        return self.collate.normalise(uint8.to(self.device))
 
     @torch.no_grad()
     def images(self, pictures: list[Image.Image], chunk: int = 64) -> torch.Tensor:
         """Embeddings on the CPU, encoded `chunk` pictures at a time (any number fits the device)."""
         parts = [
-            self.model.encode_image(self.pixels(pictures[i : i + chunk]).to(self.device)).float().cpu()
+            self.model.encode_image(self.pixels(pictures[i : i + chunk])).float().cpu()
             for i in range(0, len(pictures), chunk)
         ]
         return torch.cat(parts) if parts else torch.empty(0, self.model.projection_dim)

@@ -54,11 +54,14 @@ def test_sampler_retrieval_and_the_trainers_evaluation_embed_alike(export: Path)
     samples = [
         prep({"key": str(i), "image": p, "text": "x"}, draw=i, train=False) for i, p in enumerate(pictures())
     ]
-    batch = Collate(tokenizer, 32, False, processor)(samples)
+    collate = Collate(tokenizer, 32, False, processor)
+    batch = collate(samples)
+    assert batch["pixel_values"].dtype == torch.uint8  # a quarter of float32's bytes through the loader
     model = CLIPFineTuner.from_pretrained(export)
     tokens = Collate(tokenizer, 32, True, processor).tokenize(texts)
     with torch.no_grad():
-        image, text, _ = model(batch["pixel_values"], tokens["input_ids"], tokens["attention_mask"])
+        pixels = collate.normalise(batch["pixel_values"])  # on the model's device, as the task does
+        image, text, _ = model(pixels, tokens["input_ids"], tokens["attention_mask"])
     assert torch.allclose(embedder.images(pictures()), image, atol=1e-5)
     assert torch.allclose(embedder.texts(texts), text, atol=1e-5)
     score = embedder.score(pictures()[:2], texts)

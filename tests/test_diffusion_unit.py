@@ -8,7 +8,7 @@ from PIL import Image
 
 from plumbing.config import ConfigError, load_config
 from trainer.config import TrainConfig
-from trainer.tasks.diffusion.data import DiffusionCollate, DiffusionPrep, square
+from trainer.tasks.diffusion.data import DiffusionCollate, DiffusionPrep, square, to_unit_range
 from trainer.tasks.diffusion.ema import full_ema
 from trainer.tasks.diffusion.objective import denoising_loss, min_snr_weights, snr
 
@@ -114,7 +114,8 @@ def test_images_are_centre_squares_in_minus_one_to_one() -> None:
         "T", (), {"__call__": lambda self, *a, **k: type("O", (), {"input_ids": torch.zeros(1, 4)})()}
     )()
     batch = DiffusionCollate(tokenizer, 4)([{"key": "a", "pixel_values": pixels, "text": ""}])
-    assert float(batch["pixel_values"].min()) == -1.0
+    assert batch["pixel_values"].dtype == torch.uint8  # to [-1, 1] on the device
+    assert float(to_unit_range(batch["pixel_values"]).min()) == -1.0
 
 
 def test_full_ema_joins_zero3_partitions() -> None:

@@ -79,7 +79,9 @@ class ClipTask:
         pixels = batch.get("pixel_values")
         ids, mask = batch.get("input_ids"), batch.get("attention_mask")
         image, text, scale = engine(
-            pixel_values=None if pixels is None else pixels.to(self.device, self.dtype, non_blocking=True),
+            pixel_values=None
+            if pixels is None
+            else self.collate.normalise(pixels.to(self.device, non_blocking=True), self.dtype),
             input_ids=None if ids is None else ids.to(self.device, non_blocking=True),
             attention_mask=None if mask is None else mask.to(self.device, non_blocking=True),
         )
@@ -93,9 +95,7 @@ class ClipTask:
         pass
 
     def shown(self, batch: Batch) -> torch.Tensor:
-        mean = torch.tensor(self.processor.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.processor.image_std).view(1, 3, 1, 1)
-        return (batch["pixel_values"][:16].float().cpu() * std + mean).clamp(0, 1)
+        return batch["pixel_values"][:16].float() / 255  # uint8, as the loader gives them
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {}

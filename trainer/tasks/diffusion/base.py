@@ -61,7 +61,7 @@ class DiffusionTask:
         return self.cfg.preset, self.cfg.tiny, clip
 
     def shown(self, batch: Batch) -> torch.Tensor:
-        return (batch["pixel_values"][:16].float().cpu() + 1) / 2
+        return batch["pixel_values"][:16].float() / 255  # uint8, as the loader gives them
 
     def _vae(self) -> Any:
         from diffusers import AutoencoderKL

@@ -24,7 +24,7 @@ from trainer.run import RunFolder
 from trainer.tasks.base import Batch, Evaluation
 from trainer.tasks.diffusion.base import DiffusionTask
 from trainer.tasks.diffusion.config import PREDICTIONS
-from trainer.tasks.diffusion.data import DiffusionCollate, DiffusionPrep
+from trainer.tasks.diffusion.data import DiffusionCollate, DiffusionPrep, to_unit_range
 from trainer.tasks.diffusion.ema import Ema, full_ema
 from trainer.tasks.diffusion.modules import UNetModule
 from trainer.tasks.diffusion.objective import denoising_loss
@@ -106,15 +106,19 @@ class DenoisingTask(DiffusionTask):
             if keys is not None and self.cfg.cache_latents:
                 moments = self._moments(pixels, keys)
             else:
-                moments = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.parameters
+                moments = self.vae.encode(self._pixels(pixels)).latent_dist.parameters
             posterior = DiagonalGaussianDistribution(moments)
             z = posterior.sample(generator=generator) if generator is not None else posterior.mode()
         return z.float() * self.scaling
 
+    def _pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The loader's uint8 pixels as the VAE's input, on the device in the VAE's precision."""
+        return to_unit_range(pixels.to(self.device, non_blocking=True), self.dtype)
+
     def _moments(self, pixels: torch.Tensor, keys: list[str]) -> torch.Tensor:
         missing = [i for i, key in enumerate(keys) if key not in self._cache]
         if missing:
-            fresh = self.vae.encode(pixels[missing].to(self.device, self.dtype)).latent_dist.parameters
+            fresh = self.vae.encode(self._pixels(pixels[missing])).latent_dist.parameters
             self._cache.update({keys[i]: m for i, m in zip(missing, fresh)})
         return torch.stack([self._cache[key] for key in keys])
 

@@ -19,7 +19,7 @@ from trainer.engine import Engine
 from trainer.run import RunFolder
 from trainer.tasks.base import Batch, Evaluation
 from trainer.tasks.diffusion.base import DiffusionTask
-from trainer.tasks.diffusion.data import DiffusionCollate, DiffusionPrep, square
+from trainer.tasks.diffusion.data import DiffusionCollate, DiffusionPrep, square, to_unit_range
 from trainer.tasks.diffusion.modules import VaeModule
 from trainer.tasks.diffusion.objective import reconstruction_loss
 from trainer.tasks.diffusion.parts import check_parts, sources
@@ -43,7 +43,7 @@ class VaeTask(DiffusionTask):
 
     def loss(self, engine: Engine, batch: Batch, draw: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.dtype = next(engine.module.parameters()).dtype
-        pixels = batch["pixel_values"].to(self.device, self.dtype, non_blocking=True)
+        pixels = to_unit_range(batch["pixel_values"].to(self.device, non_blocking=True), self.dtype)
         recon, kl = engine(pixels, torch.Generator(self.device).manual_seed(draw))
         mse = reconstruction_loss(recon.float(), pixels.float(), self.cfg.vae_object_weight)
         return mse + self.cfg.kl_weight * kl.float().mean(), {"train/reconstruction_mse": mse.detach()}
@@ -55,7 +55,7 @@ class VaeTask(DiffusionTask):
         vae = engine.module.vae
         sums, shown = [0.0, 0.0, 0.0], None
         for batch in batches:
-            pixels = batch["pixel_values"].to(self.device, self.dtype)
+            pixels = to_unit_range(batch["pixel_values"].to(self.device), self.dtype)
             recon = vae.decode(vae.encode(pixels).latent_dist.mode()).sample.float()
             valid = batch["valid"].to(self.device)
             per = ((recon.clamp(-1, 1) - pixels.float()) ** 2).mean(dim=(1, 2, 3))
@@ -112,7 +112,7 @@ def latent_std(vae: Any, manifest: Manifest, split: str, side: int, count: int =
         raise UserError(
             f"{manifest.root / 'manifest.json'}: split {split!r} has no readable images to measure the VAE on"
         )
-    x = torch.stack(pixels).float().div_(127.5).sub_(1)
+    x = to_unit_range(torch.stack(pixels))
     return float(
         torch.cat([vae.encode(x[i : i + 64]).latent_dist.mode() for i in range(0, len(x), 64)]).std()
     )
