@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from core.manifest import load_manifest
 from core.shards import cut, read_ranges, split_shards
 from plumbing.config import load_config
 from tests.helpers import PY, ROOT, launcher, run, scalars, trainer_args
-from trainer.checkpoint import TrainState
+from trainer.checkpoint import Saved, TrainState
 from trainer.config import TrainConfig
 from trainer.data import Layout, Leg, Rest, TrainEpoch, untrained
 from trainer.engine import lr_lambda, to_universal
@@ -144,8 +145,10 @@ def config(manifest: Path, *overrides: str) -> TrainConfig:
     return load_config(TrainConfig, ROOT / "configs/demo-cifar10.yaml", base)
 
 
-def saved_at(step: int, ranks: int, accum: int, horizon: int, micro: int) -> TrainState:
-    return TrainState(
+def saved_at(step: int, ranks: int, accum: int, horizon: int, micro: int, asked_accum: int = 1) -> Saved:
+    """A checkpoint's record (no files): trained as stated, by a run configured with batch 16 and
+    `asked_accum`."""
+    state = TrainState(
         epoch=0,
         step=step,
         micro_in_epoch=micro,
@@ -156,6 +159,8 @@ def saved_at(step: int, ranks: int, accum: int, horizon: int, micro: int) -> Tra
         grad_accum=accum,
         horizon=horizon,
     )
+    config = {"train": {"batch_size": 16, "grad_accum": asked_accum}}
+    return Saved(Path("checkpoints") / f"step-{step:08d}", state, config, [], {})
 
 
 def test_the_plan_keeps_the_global_batch_when_it_divides_and_says_what_changes(small_data) -> None:
@@ -190,6 +195,12 @@ def test_the_plan_keeps_the_global_batch_when_it_divides_and_says_what_changes(s
     # the same layout: nothing to say, the recorded horizon kept, the data position kept
     same = plan(cfg, manifest, 2, saved_at(7, 2, 1, 20, 7))
     assert same.note == "" and same.rest is None and same.state().micro_in_epoch == 7 and same.horizon == 20
+    # a grad_accum raised to keep the global batch stays raised on the next resume on 1 rank, and is
+    # yours when set: grad_accum=4 on purpose doubles the batch again, and the note says it was set
+    again = plan(cfg, manifest, 1, saved_at(9, 1, 2, 20, 4))
+    assert again.accum == 2 and again.note == "" and again.state().micro_in_epoch == 4
+    mine = plan(config(small_data["cifar10"], "train.grad_accum=4"), manifest, 1, saved_at(9, 1, 2, 20, 4))
+    assert mine.accum == 4 and "global batch 32 → 64 (train.batch_size or grad_accum set)" in mine.note
 
 
 # --------------------------------------------------------------------------- system: torchrun on CPU/gloo
@@ -292,86 +303,254 @@ def lr_scheduler(checkpoint: Path) -> dict[str, Any]:
     return torch.load(model_states, map_location="cpu", weights_only=False)["lr_scheduler"]
 
 
-CASES = [  # stage, precision, ranks before → after, stop at step, epochs, LR horizon before → after
-    pytest.param(2, "fp32", 2, 1, 3, 2, (20, 20), id="zero2-fp32-2to1"),
-    pytest.param(2, "bf16", 1, 2, 4, 1, (20, 12), id="zero2-bf16-1to2"),
-    pytest.param(3, "bf16", 2, 1, 3, 1, (10, 10), id="zero3-bf16-2to1"),
-    pytest.param(3, "fp32", 1, 2, 4, 1, (20, 12), id="zero3-fp32-1to2"),
-    pytest.param(0, "fp32", 2, 1, 3, 1, (10, 10), id="zero0-fp32-2to1"),
+# Each chain: a run stopped mid-epoch (train.max_steps), resumed on another number of ranks and stopped
+# again, then on the first number to the end. hops: (ranks, stop at step or 0 for the end, LR horizon,
+# what the log says of the global batch); `probe`: the hop whose loaded state is compared.
+CHAINS = [
+    pytest.param(
+        2,
+        "fp32",
+        2,
+        [
+            (2, 2, 20, ""),
+            (1, 4, 20, "global batch kept at 32 (grad_accum 1 → 2)"),
+            (2, 0, 20, "global batch kept at 32 (grad_accum 2 → 1)"),
+        ],
+        2,
+        id="zero2-fp32-2to1to2",
+    ),
+    pytest.param(
+        3,
+        "bf16",
+        1,
+        [
+            (1, 8, 20, ""),
+            (2, 10, 14, "global batch 16 → 32 (16 is not a multiple of 2 ranks × batch 16)"),
+            (1, 0, 14, "global batch kept at 32 (grad_accum 1 → 2)"),
+        ],
+        2,
+        id="zero3-bf16-1to2to1",
+    ),
+    pytest.param(
+        0,
+        "bf16",
+        1,
+        [(2, 3, 10, ""), (1, 0, 10, "global batch kept at 32 (grad_accum 1 → 2)")],
+        1,
+        id="zero0-bf16-2to1",
+    ),
 ]
 
 
+@pytest.fixture(scope="module")
+def originals(small_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Runs stopped mid-epoch (train.max_steps), made once per module and copied by each user: the
+    run folder (its checkpoint at the stop) and the keys it trained."""
+    made: dict[tuple[Any, ...], Path] = {}
+
+    def original(
+        stage: int, precision: str, ranks: int, stop: int, epochs: int, into: Path
+    ) -> tuple[Path, Path]:
+        key = (stage, precision, ranks, stop, epochs)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"zero{stage}-{precision}-{ranks}")
+            (root / "keys").mkdir()
+            args = run_args(small_data["cifar10"], root / "run", stage, precision, epochs)
+            launch(ranks, [*args, f"train.max_steps={stop}"], root / "keys")
+            made[key] = root
+        shutil.copytree(made[key], into)
+        return into / "run", into / "keys"
+
+    return original
+
+
 @pytest.mark.system
-@pytest.mark.parametrize(("stage", "precision", "before", "after", "stop", "epochs", "horizons"), CASES)
-def test_a_run_stopped_mid_epoch_finishes_on_another_number_of_ranks(
+@pytest.mark.parametrize(("stage", "precision", "epochs", "hops", "probe"), CHAINS)
+def test_a_run_stopped_mid_epoch_goes_on_on_another_number_of_ranks(
     small_data: dict[str, Path],
+    originals: Any,
     tmp_path: Path,
     stage: int,
     precision: str,
-    before: int,
-    after: int,
-    stop: int,
     epochs: int,
-    horizons: tuple[int, int],
+    hops: list[tuple[int, int, int, str]],
+    probe: int,
 ) -> None:
-    """Stopped at a mid-epoch step (train.max_steps), then resumed on the other number of ranks:
+    """ZeRO-2 fp32 2 → 1 → 2 ranks, ZeRO-3 bf16 1 → 2 → 1, ZeRO-0 bf16 2 → 1, each hop mid-epoch:
 
-    - the state the resumed engine holds, written again at once by a run of the new size that resumes
-      the checkpoint and trains nothing, equals the checkpoint's, exactly (torch.equal): every
-      trainable parameter's fp32 weights (bf16's masters), both Adam moments (exp_avg, exp_avg_sq) and
-      the step counter — ZeRO 1-3 read whole through DeepSpeed's ds_to_universal from both
-      checkpoints, ZeRO-0 from its one model-states file — and the LR scheduler's state;
-    - the resumed run finishes, converting the checkpoint once; its export is verified against the live
-      engine by the run itself and loads with CLIPFineTuner.from_pretrained;
-    - the keys trained in the interrupted epoch are the split, each once (the log says what changes:
-      the global batch kept by grad_accum 2 on one rank, doubled on two);
-    - every logged learning rate is the schedule's at its step, before and after (the horizon of each
-      run, rel 1e-6); every Adam step counter in the final checkpoint is the final step (a shared ZeRO-3
-      step tensor counted twice per step).
+    - at the `probe` hop (1 → 2 for ZeRO-2, 2 → 1 for ZeRO-3 and ZeRO-0), the state the resumed engine
+      holds, written again at once by a run of the new size that resumes the checkpoint and trains
+      nothing, equals the checkpoint's exactly (torch.equal): every trainable parameter's fp32 weights
+      (bf16: the fp32 masters), both Adam moments (exp_avg, exp_avg_sq) and the step counters — ZeRO
+      1-3 read whole from both checkpoints through DeepSpeed's ds_to_universal, ZeRO-0 from its one
+      model-states file — and the LR scheduler's state (a dict, ==);
+    - each hop resumes its predecessor's checkpoint, converting it once under ZeRO 1-3 (a probe's
+      conversion is reused) and saying what changes (the global batch kept by grad_accum, or doubled;
+      the LR horizon); the last finishes, its export is verified against the live engine by the run
+      itself and loads with CLIPFineTuner.from_pretrained;
+    - the keys trained in the interrupted epoch, over all hops, are the split, each once (two or three
+      legs), and so are a later epoch's;
+    - every logged learning rate is the schedule's at its step, with the horizon of the hop that took
+      it (rel 1e-6: the ZeRO-3 chain's second hop, past the warm-up, starts a shorter schedule at once);
+      every Adam step counter in the final checkpoint is the final step (plus the one step DeepSpeed's
+      unfused ZeRO-0 bf16 optimizer takes as it is built, in any run); without trainer.engine's
+      _own_steps a ZeRO-3 run counts 17 where 10 steps were taken.
     """
     from core.clip import CLIPFineTuner
 
-    manifest, keys = small_data["cifar10"], tmp_path / "keys"
-    keys.mkdir()
-    run_dir = tmp_path / "run"
+    manifest = small_data["cifar10"]
+    ranks, stop, horizon, _ = hops[0]
+    run_dir, keys = originals(stage, precision, ranks, stop, epochs, tmp_path / "original")
     args = run_args(manifest, run_dir, stage, precision, epochs)
-    launch(before, [*args, f"train.max_steps={stop}"], keys)
-    checkpoint = run_dir / "checkpoints" / f"step-{stop:08d}"
-
-    probe = tmp_path / "probe"
-    launch(
-        after,
-        [
-            *run_args(manifest, probe, stage, precision, epochs),
-            f"resume={checkpoint}",
-            f"train.max_steps={stop}",
-            "run.verify_export=false",
-        ],
-    )
-    was, now = (
-        whole_states(checkpoint, tmp_path / "u-was"),
-        whole_states(probe / "checkpoints" / checkpoint.name, tmp_path / "u-now"),
-    )
-    assert was.keys() == now.keys() and len(was) > 3 * 80
-    different = [k for k in was if not torch.equal(was[k], now[k])]
-    assert not different, different[:5]
-    assert lr_scheduler(checkpoint) == lr_scheduler(probe / "checkpoints" / checkpoint.name)
-
-    resumed = launch(after, args, keys)
-    log = resumed.stderr
-    assert f"resumed from {checkpoint}" in log
-    assert "converted " not in log  # the probe converted it (ZeRO 1-3): once is enough
+    (counted,) = optimizer_steps(run_dir / "checkpoints" / f"step-{stop:08d}")
+    counted -= stop  # 1 for ZeRO-0 bf16: DeepSpeed's unfused optimizer steps once as it is built
+    for hop, (ranks, until, horizon, batch_note) in enumerate(hops[1:], start=1):
+        checkpoint = run_dir / "checkpoints" / f"step-{stop:08d}"
+        if hop == probe:
+            again = tmp_path / "probe"
+            probe_args = run_args(manifest, again, stage, precision, epochs, f"resume={checkpoint}")
+            launch(ranks, [*probe_args, f"train.max_steps={stop}", "run.verify_export=false"])
+            resaved = again / "checkpoints" / checkpoint.name
+            was, now = whole_states(checkpoint, tmp_path / "u-was"), whole_states(resaved, tmp_path / "u-now")
+            assert was.keys() == now.keys() and len(was) > 3 * 80
+            different = [k for k in was if not torch.equal(was[k], now[k])]
+            assert not different, different[:5]
+            assert lr_scheduler(checkpoint) == lr_scheduler(resaved)
+        log = launch(ranks, [*args, *([f"train.max_steps={until}"] if until else [])], keys).stderr
+        assert f"resumed from {checkpoint}" in log
+        assert ("converted " in log) == (stage > 0 and hop != probe), hop  # once: a probe's is reused
+        assert batch_note in log and f"LR horizon {hops[hop - 1][2]} → {horizon} steps" in log, hop
+        stop = until
     assert re.search(r"export verified: its \d+ tensors equal the live engine's", log)
     CLIPFineTuner.from_pretrained(run_dir / "export")
-    note = "global batch kept at 32 (grad_accum 1 → 2)" if after < before else "global batch 16 → 32"
-    assert note in log and f"LR horizon {horizons[0]} → {horizons[1]} steps" in log
     epoch_keys = trained(keys)
-    assert len(epoch_keys[0]) == len(set(epoch_keys[0])) == 320, len(epoch_keys[0])
-    assert all(len(epoch_keys[e]) == len(set(epoch_keys[e])) == 320 for e in range(1, epochs))
+    assert all(len(epoch_keys[e]) == len(set(epoch_keys[e])) == 320 for e in range(epochs)), {
+        e: len(k) for e, k in epoch_keys.items()
+    }
     lr = scalars(run_dir / "tensorboard", "train/lr")
     end = max(lr)
-    assert sorted(lr) == list(range(1, end + 1)) and end == horizons[1]
+    assert sorted(lr) == list(range(1, end + 1)) and end == hops[-1][2]
+    starts = [0] + [h[1] for h in hops[:-1]]  # each hop takes the steps after its predecessor's stop
     for step, value in lr.items():
-        horizon = horizons[0] if step <= stop else horizons[1]
-        assert value == pytest.approx(1e-3 * lr_lambda(5, horizon, 0.0)(step - 1), rel=1e-6), step
-    assert optimizer_steps(run_dir / "checkpoints" / f"step-{end:08d}") == {float(end)}
+        hop = max(i for i, first in enumerate(starts) if step > first)
+        expected = 1e-3 * lr_lambda(5, hops[hop][2], 0.0)(step - 1)
+        assert value == pytest.approx(expected, rel=1e-6), step
+    assert optimizer_steps(run_dir / "checkpoints" / f"step-{end:08d}") == {counted + end}
+
+
+@pytest.mark.system
+def test_a_checkpoint_that_cannot_be_continued_is_refused_in_one_line(
+    small_data: dict[str, Path], originals: Any, tmp_path: Path
+) -> None:
+    """On one rank, the 2-rank ZeRO-2 checkpoint the first chain starts from: another task, another model (a
+    wider tiny CLIP), a checkpoint whose rank-1 partition is missing and one still half written (a
+    .partial- folder): each one line, exit 2, before any conversion (the other refusals: the unit
+    test below)."""
+    run_dir, _ = originals(2, "fp32", 2, 2, 2, tmp_path / "original")
+    checkpoint = run_dir / "checkpoints" / "step-00000002"
+    holed = tmp_path / "holed" / checkpoint.name
+    shutil.copytree(checkpoint, holed)
+    next(holed.glob("*zero_pp_rank_1_*optim_states.pt")).unlink()
+    partial = tmp_path / "partial" / ".partial-step-00000002"
+    shutil.copytree(checkpoint, partial)
+    (partial / "trainer_state.json").unlink()
+    cases = [
+        (
+            [f"resume={checkpoint}", "train.objective=contrastive"],
+            "was trained with train.objective=classification, this run has contrastive",
+        ),
+        ([f"resume={checkpoint}", "model.tiny.width=48"], "holds another model: parameter "),
+        (
+            [f"resume={checkpoint}", "deepspeed.zero_stage=3"],
+            "was written under deepspeed.zero_stage=2, this run has 3",
+        ),
+        (
+            [f"resume={holed}"],
+            "is incomplete: it was written by 2 ranks, but the ZeRO partitions of rank(s) 1",
+        ),
+        ([f"resume={partial}"], "not a complete checkpoint (no trainer_state.json)"),
+    ]
+    for i, (overrides, needle) in enumerate(cases):
+        args = run_args(small_data["cifar10"], tmp_path / f"run{i}", 2, "fp32", 2, *overrides)
+        proc = launch(1, args, check=False)
+        lines = [line for line in proc.stderr.splitlines() if "trainer: error:" in line]
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], (needle, proc.stderr[-2000:])
+    assert not list(checkpoint.parent.glob("*.universal")), "converted a checkpoint it refused"
+
+
+def test_check_fits_names_what_differs() -> None:
+    """Each refusal of check_fits, in-process: task, ZeRO stage, model (a parameter's shape, a parameter
+    more or less, another optimizer group), and task state partitioned over the ranks that wrote it
+    (the ZeRO-3 EMA) on another number of ranks; nothing said of a checkpoint that fits."""
+    import tempfile
+
+    from plumbing.errors import UserError
+    from trainer.checkpoint import Saved, check_fits
+
+    groups, shapes = [["w", "v"], ["b"]], {"w": [4, 2], "v": [3, 2], "b": [4]}
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(tmp)
+        config = {"train": {"objective": "classification"}, "deepspeed": {"zero_stage": 3}}
+        saved = Saved(where, TrainState(world_size=2), config, groups, shapes)
+        check_fits(saved, "classification", 3, groups, shapes, 1)
+        refusals = [
+            (
+                ("contrastive", 3, groups, shapes, 2),
+                "train.objective=classification, this run has contrastive",
+            ),
+            (("classification", 2, groups, shapes, 2), "deepspeed.zero_stage=3, this run has 2"),
+            (
+                ("classification", 3, groups, {**shapes, "w": [5, 2]}, 2),
+                "parameter w is [4, 2] there, [5, 2] here",
+            ),
+            (
+                ("classification", 3, [["w", "v"], ["b", "c"]], {**shapes, "c": [1]}, 2),
+                "parameter c trains here",
+            ),
+            (("classification", 3, [["w"], ["b"]], shapes, 2), "parameter v trained there, not here"),
+            (
+                ("classification", 3, [["w"], ["v", "b"]], shapes, 2),
+                "v is in optimizer group 0 there, 1 here",
+            ),
+        ]
+        for args, needle in refusals:
+            with pytest.raises(UserError, match=re.escape(needle)):
+                check_fits(saved, *args)
+        for rank in range(2):
+            (where / f"extra-rank{rank:05d}.safetensors").write_bytes(b"")
+        check_fits(saved, "classification", 3, groups, shapes, 2)  # the same ranks: its own partitions
+        with pytest.raises(UserError, match="partitioned over its 2 ranks .*resume it with 2 ranks"):
+            check_fits(saved, "classification", 3, groups, shapes, 1)
+
+
+@pytest.mark.system
+def test_a_conversion_is_made_once_beside_the_checkpoint_and_a_cut_short_one_is_redone(
+    originals: Any, tmp_path: Path
+) -> None:
+    """convert_once on the 2-rank ZeRO-2 checkpoint the first chain starts from (in-process): what a conversion cut
+    short left (a .partial- folder) and a stale conversion of another checkpoint of that step (its
+    marker differs) are never used: the conversion is redone beside the checkpoint, whose files stay
+    byte for byte what they were; a second call finds it whole and leaves it as it is."""
+    from plumbing.files import sha256_file
+    from trainer.checkpoint import SOURCE, Saved, convert_once, universal_of
+
+    run_dir, _ = originals(2, "fp32", 2, 2, 2, tmp_path / "original")
+    checkpoint = run_dir / "checkpoints" / "step-00000002"
+    before = {f.name: sha256_file(f) for f in checkpoint.iterdir()}
+    target = universal_of(checkpoint)
+    leftover = target.with_name(".partial-" + target.name)
+    leftover.mkdir()
+    (leftover / "zero").mkdir()
+    target.mkdir()
+    (target / SOURCE).write_text('{"state": {"step": 2}}')  # a conversion of another step-2 checkpoint
+    convert_once(Saved.read(checkpoint), target)
+    assert (
+        not leftover.exists()
+        and (target / SOURCE).read_bytes() == (checkpoint / "trainer_state.json").read_bytes()
+    )
+    assert len(list((target / "zero").iterdir())) > 80 and (target / "mp_rank_00_model_states.pt").is_file()
+    assert {f.name: sha256_file(f) for f in checkpoint.iterdir()} == before
+    made = (target / SOURCE).stat().st_mtime_ns
+    convert_once(Saved.read(checkpoint), target)
+    assert (target / SOURCE).stat().st_mtime_ns == made
+    assert not (checkpoint.parent / "latest_universal").exists()

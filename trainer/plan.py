@@ -17,7 +17,7 @@ from pathlib import Path
 
 from core.manifest import MANIFEST, Manifest, load_manifest, verify_shards
 from plumbing.errors import UserError
-from trainer.checkpoint import TrainState
+from trainer.checkpoint import Saved, TrainState
 from trainer.config import TrainConfig
 from trainer.data import Layout, Leg, Rest, untrained
 from trainer.engine import BatchSizes
@@ -81,8 +81,8 @@ def train_layout(total: int, ranks: int, workers: int, batch: int, split: str, m
     return layout
 
 
-def plan(cfg: TrainConfig, manifest: Manifest, world: int, saved: TrainState | None = None) -> Plan:
-    """The plan of a run on `world` ranks; `saved`: the state of the checkpoint it resumes."""
+def plan(cfg: TrainConfig, manifest: Manifest, world: int, saved: Saved | None = None) -> Plan:
+    """The plan of a run on `world` ranks; `saved`: the checkpoint it resumes."""
     d, t = cfg.data, cfg.train
     train = manifest.split(d.train_split)
     manifest.split(d.eval_split)  # a missing eval split is an error now, not after an epoch
@@ -101,36 +101,43 @@ def plan(cfg: TrainConfig, manifest: Manifest, world: int, saved: TrainState | N
     if saved is None:
         total = limited(horizon, t.max_steps)
         return Plan(layout, accum, t.epochs, steps, horizon, total, train.num_samples, d.shuffle_buffer)
+    was = saved.state
     leg = Leg(world, layout.workers, t.batch_size, d.shuffle_buffer)
-    start = saved.continued(leg, accum)
+    start = was.continued(leg, accum)
     rest = None
     if start.legs and start.epoch < t.epochs:
         rest = rest_of_epoch(start, train.num_samples, leg, accum, cfg.run.seed)
-    changed = not saved.trained_under(leg, accum)
+    changed = not was.trained_under(leg, accum)
     if changed:  # the schedule ends where training now ends
         horizon = start.step + steps_left(start, t.epochs, steps, accum, rest)
     else:  # the schedule it was trained with (a checkpoint that did not record it: the whole run's)
-        horizon = saved.horizon or horizon
+        horizon = was.horizon or horizon
     start.horizon = horizon
     total = limited(horizon, t.max_steps)
     made = Plan(
         layout, accum, t.epochs, steps, horizon, total, train.num_samples, d.shuffle_buffer, rest, start
     )
-    return replace(made, note=change_note(saved, made)) if changed else made
+    asked = (t.batch_size, t.grad_accum)
+    return replace(made, note=change_note(saved, made, asked)) if changed else made
+
+
+def kept_accum(batch: int, accum: int, world: int, saved: Saved | None) -> int:
+    """train.grad_accum; or, resuming with the batch size and grad_accum the checkpoint's run was
+    configured with, the grad_accum that keeps the global batch it trained with, when this run's ranks
+    × batch divide it (2 ranks × accum 1 → 1 rank × accum 2, and on 1 rank again still 2; not 1 → 2
+    ranks: that global batch doubles). Set either on purpose and it is yours."""
+    if saved is None or (batch, accum) != (
+        saved.setting("train", "batch_size"),
+        saved.setting("train", "grad_accum"),
+    ):
+        return accum
+    s = saved.state
+    kept = s.micro_batch * s.grad_accum * s.world_size
+    return kept // (batch * world) if kept % (batch * world) == 0 else accum
 
 
 def limited(horizon: int, max_steps: int) -> int:
     return min(horizon, max_steps) if max_steps else horizon
-
-
-def kept_accum(batch: int, accum: int, world: int, saved: TrainState | None) -> int:
-    """train.grad_accum; or, resuming on another number of ranks with the batch and grad_accum the
-    checkpoint was trained with, the grad_accum that keeps its global batch, when the new ranks × batch
-    divide it (2 ranks × accum 1 → 1 rank × accum 2; not 1 → 2 ranks: that global batch doubles)."""
-    if saved is None or saved.world_size == world or (batch, accum) != (saved.micro_batch, saved.grad_accum):
-        return accum
-    kept = saved.micro_batch * saved.grad_accum * saved.world_size
-    return kept // (batch * world) if kept % (batch * world) == 0 else accum
 
 
 def rest_of_epoch(start: TrainState, samples: int, leg: Leg, accum: int, seed: int) -> Rest:
@@ -150,29 +157,25 @@ def steps_left(start: TrainState, epochs: int, steps: int, accum: int, rest: Res
     return this_epoch // accum + (epochs - start.epoch - 1) * steps
 
 
-def change_note(saved: TrainState, made: Plan) -> str:
+def change_note(saved: Saved, made: Plan, asked: tuple[int, int]) -> str:
     """What a resume under another layout changes, in words: the global batch, the interrupted epoch's
-    rest, steps per epoch, the LR horizon."""
-    lay, accum = made.layout, made.accum
-    old_global = saved.micro_batch * saved.grad_accum * saved.world_size
+    rest, steps per epoch, the LR horizon. `asked`: this run's train.batch_size and grad_accum."""
+    was, lay, accum = saved.state, made.layout, made.accum
+    old_global = was.micro_batch * was.grad_accum * was.world_size
     parts = [
-        f"trained by {saved.world_size} ranks × {saved.loader_workers} loader workers × batch {saved.micro_batch} × "
-        f"accum {saved.grad_accum}, continued by {lay.ranks} × {lay.workers} × {lay.batch} × {accum}"
+        f"trained by {was.world_size} ranks × {was.loader_workers} loader workers × batch {was.micro_batch} × "
+        f"accum {was.grad_accum}, continued by {lay.ranks} × {lay.workers} × {lay.batch} × {accum}"
     ]
     if made.global_batch == old_global:
-        parts.append(
-            f"global batch kept at {old_global}"
-            + (f" (grad_accum {saved.grad_accum} → {accum})" if accum != saved.grad_accum else "")
-        )
-    elif (lay.batch, accum) == (saved.micro_batch, saved.grad_accum):
+        kept = f" (grad_accum {was.grad_accum} → {accum})" if accum != was.grad_accum else ""
+        parts.append(f"global batch kept at {old_global}{kept}")
+    elif asked == (saved.setting("train", "batch_size"), saved.setting("train", "grad_accum")):
         parts.append(
             f"global batch {old_global} → {made.global_batch} ({old_global} is not a multiple of "
             f"{lay.ranks} ranks × batch {lay.batch})"
         )
     else:
-        parts.append(
-            f"global batch {old_global} → {made.global_batch} (train.batch_size or grad_accum changed)"
-        )
+        parts.append(f"global batch {old_global} → {made.global_batch} (train.batch_size or grad_accum set)")
     if made.rest is not None:
         r = made.rest
         left_out = len(r.pool) - r.micro * lay.ranks * lay.batch
@@ -180,9 +183,9 @@ def change_note(saved: TrainState, made: Plan) -> str:
             f"{len(r.pool)} samples of epoch {r.epoch} not yet trained: {r.micro // accum} steps"
             + (f", {left_out} left out (whole steps only, as at every epoch's end)" if left_out else "")
         )
-    old = Layout.over(made.samples, saved.world_size, saved.loader_workers, saved.micro_batch)
-    parts.append(f"steps per epoch {old.micro_batches // saved.grad_accum} → {made.steps_per_epoch}")
-    parts.append(f"LR horizon {saved.horizon or '?'} → {made.horizon} steps")
+    old = Layout.over(made.samples, was.world_size, was.loader_workers, was.micro_batch)
+    parts.append(f"steps per epoch {old.micro_batches // was.grad_accum} → {made.steps_per_epoch}")
+    parts.append(f"LR horizon {was.horizon or '?'} → {made.horizon} steps")
     return "; ".join(parts)
 
 

@@ -48,7 +48,7 @@ def train(cfg: TrainConfig) -> int:
         ckpt = Checkpointer(cfg.checkpoint, run.checkpoints, info)
         saved = ckpt.find(cfg.resume)  # 2. the checkpoint to resume, if any (read, not loaded yet)
         # 3. the plan: steps, total, LR horizon; how a resume continues under this run's layout
-        the_plan = plan(cfg, manifest, info.world_size, saved.state if saved else None)
+        the_plan = plan(cfg, manifest, info.world_size, saved)
         if info.is_main:
             save_config(cfg, run.config)
         task = make_task(cfg, run, info, device)  # 4. the task: model, preprocessing, loss, export
