@@ -21,6 +21,15 @@ outlive the machine's lease (results file and table are written either way).
    `transformers.CLIPModel.from_pretrained`. Reported from the run's own TensorBoard: samples/s,
    model FLOP utilisation against the card's dense bf16 peak, peak memory beside the ZeRO paper's
    model-state estimate ((2+2+K)·Ψ/N bytes, K=12 for Adam, N=1 GPU), and the data-wait fraction.
+   2b. universal resume (`universal-zero2`, after `resume-zero2`): the ZeRO-2 run's last checkpoint
+   resumed in a new run folder through DeepSpeed's universal checkpoint format, forced on one GPU with
+   `deepspeed.overrides.checkpoint.load_universal=true`, with `train.grad_accum=2` (another layout: the
+   interrupted epoch's rest read as a leg of its own, the global batch doubled and said so), a few
+   steps, then the export. What one GPU proves: the conversion (`ds_to_universal`) and the universal
+   load under CUDA and NCCL at world size 1 — the re-partitioning code, the Adam moments and step
+   counters placed on the GPU for torch's fused AdamW, training on from them. What it cannot: the same
+   checkpoint loaded by another number of ranks over NCCL needs two GPUs (the CPU tests run 2 → 1 and
+   1 → 2 ranks over gloo: tests/test_resume_world.py).
 3. text-to-image training: `torchrun --nproc-per-node 1 -m trainer` on configs/flickr8k-unet.yaml with
    random-init Stable Diffusion v1 parts (`diffusion.preset=sd-v1`: U-Net, VAE, ViT-L/14 text tower),
    512 px, bf16, ZeRO-2, gradient checkpointing, EMA: samples/s, peak memory, data-wait fraction.
@@ -208,6 +217,36 @@ class Drill:
         if f"step-{s.steps:08d}" not in resumed or "resumed from" not in resumed:
             raise StepFailed(f"did not resume from step {s.steps}\n{_failure_lines(resumed)}")
 
+    def universal(self) -> dict[str, Any]:
+        """The ZeRO-2 run's newest checkpoint resumed through DeepSpeed's universal format (forced: one
+        GPU cannot change the number of ranks) with grad_accum 2, in a run folder of its own."""
+        s = self.size
+        source = self.work / "zero2" / "checkpoints" / f"step-{s.steps + s.more:08d}"
+        run_dir, until = self.work / "zero2-universal", s.steps + s.more + s.more
+        args = [
+            *self.trainer_args(run_dir, 2, until),
+            f"resume={source}",
+            "train.grad_accum=2",
+            "deepspeed.overrides.checkpoint.load_universal=true",
+        ]
+        log = self.run("universal-zero2", args, 600)
+        for needle in (
+            "converted ",
+            "through DeepSpeed's universal checkpoint",
+            "global batch ",
+            "export verified",
+        ):
+            if needle not in log:
+                raise StepFailed(f"the log lacks {needle!r}\n{_failure_lines(log)}")
+        losses = _scalars(run_dir / "tensorboard").get("train/loss", {})
+        after = [v for step, v in losses.items() if step > s.steps + s.more]
+        if len(after) < s.more // 2 or not all(v == v and abs(v) < float("inf") for v in after):
+            raise StepFailed(f"after the universal resume the losses are {after}")
+        from transformers import CLIPModel
+
+        CLIPModel.from_pretrained(run_dir / "export")
+        return {"from_step": s.steps + s.more, "to_step": until, "losses_after": after}
+
     def export(self, stage: int) -> dict[str, Any]:
         """The export loads in plain transformers; the run's numbers from its own TensorBoard."""
         run_dir, s = self.work / f"zero{stage}", self.size
@@ -358,6 +397,8 @@ class Drill:
             r = step(f"export-zero{stage}", lambda st=stage: self.export(st), (f"resume-zero{stage}",))
             if r is not None:
                 results["trainer"][f"zero{stage}"] = r
+            if stage == 2:
+                results["universal"] = step("universal-zero2", self.universal, ("resume-zero2",))
         results["unet"] = step("train-unet", self.unet, ("data-flickr8k",))
         for batch in (8, 1):
             r = step(f"sample-batch{batch}", lambda b=batch: self.sample(b))
@@ -376,14 +417,15 @@ class Drill:
 
 
 STEPS = (
-    "data-synthetic data-flickr8k train-zero2 resume-zero2 export-zero2 train-zero3 resume-zero3 "
-    "export-zero3 train-unet sample-batch8 sample-batch1 retrieval-caption"
+    "data-synthetic data-flickr8k train-zero2 resume-zero2 export-zero2 universal-zero2 train-zero3 "
+    "resume-zero3 export-zero3 train-unet sample-batch8 sample-batch1 retrieval-caption"
 ).split()
 NEEDS = {  # what --steps adds for a step to have its inputs
     "data-flickr8k": ["data-synthetic"],
     "train-zero2": ["data-flickr8k"],
     "resume-zero2": ["train-zero2"],
     "export-zero2": ["resume-zero2"],
+    "universal-zero2": ["resume-zero2"],
     "train-zero3": ["data-flickr8k"],
     "resume-zero3": ["train-zero3"],
     "export-zero3": ["resume-zero3"],
@@ -563,6 +605,12 @@ def table(results: dict[str, Any], outcomes: list[Outcome], peak: float) -> tupl
             f"  batch {b[5:]}: {r['ours']:.2f} vs {r['diffusers']:.2f} (whole job, warm-up included: {r['ours_whole_job']:.2f})"
         )
     lines += [t.line() for t in targets]
+    uni = results.get("universal")
+    if uni:
+        lines.append(
+            f"universal resume (ZeRO-2, 1 GPU, grad_accum 1 → 2): converted and loaded at step {uni['from_step']}, "
+            f"trained to step {uni['to_step']}, the export loads"
+        )
     ret = results.get("retrieval")
     if ret:
         lines.append(

@@ -30,12 +30,13 @@ def test_the_gpu_drill_runs_every_step_and_reports_a_failed_one_at_the_end(tmp_p
     )
     proc = run([PY, "-c", inject], check=False, timeout=1500)
     assert proc.returncode != 0, proc.stdout[-3000:]
-    assert "1 of 12 steps failed: resume-zero3" in proc.stderr, proc.stderr[-3000:]
+    assert "1 of 13 steps failed: resume-zero3" in proc.stderr, proc.stderr[-3000:]
     for command in (
         "python -m data_prep synthetic",
         "python -m data_prep flickr8k",
         "-m torch.distributed.run --standalone --nproc-per-node 1 -m trainer --config configs/flickr8k.yaml",
         "resume=auto",
+        "deepspeed.overrides.checkpoint.load_universal=true",
         "transformers.CLIPModel.from_pretrained(",
         "python -m sampler --config configs/sample.yaml",
         "diffusers.StableDiffusionPipeline.from_pretrained(",
@@ -50,6 +51,7 @@ def test_the_gpu_drill_runs_every_step_and_reports_a_failed_one_at_the_end(tmp_p
         "train-zero2",
         "resume-zero2",
         "export-zero2",
+        "universal-zero2",
         "train-zero3",
         "train-unet",
         "sample-batch8",
@@ -61,6 +63,7 @@ def test_the_gpu_drill_runs_every_step_and_reports_a_failed_one_at_the_end(tmp_p
     results = payload["results"]
     assert set(results["trainer"]) == {"zero2"} and results["trainer"]["zero2"]["exported_step"] == 6
     assert results["sampler"]["batch8"]["ours"] > 0 and results["retrieval"]["images_per_s"] > 0
+    assert results["universal"]["to_step"] == 8 and len(results["universal"]["losses_after"]) >= 1
     assert results["steps"]["resume-zero3"]["status"] == "failed"
 
 
@@ -76,6 +79,13 @@ def test_the_gpu_drill_reruns_named_steps_with_what_they_need() -> None:
         "data-synthetic",
     }
     assert with_needs(["sample-batch1"]) == {"sample-batch1"}
+    assert with_needs(["universal-zero2"]) == {
+        "universal-zero2",
+        "resume-zero2",
+        "train-zero2",
+        "data-flickr8k",
+        "data-synthetic",
+    }
     with pytest.raises(SystemExit, match="unknown step"):
         with_needs(["train-zero4"])
 

@@ -13,6 +13,13 @@ The DataLoader takes batches from its workers in strict turn, so micro-batch i o
 i // W of worker i % W. A checkpoint therefore only needs the epoch and the number of micro-batches
 consumed to resume with exactly the batches an uninterrupted run would have seen (same seed, world
 size and workers). WebDataset alone does not give this: its shard split depends on timing.
+
+A run resumed mid-epoch under another layout (ranks, loader workers, batch or shuffle buffer) reads the
+rest of that epoch as a new *leg*: which samples the earlier legs trained follows from their layouts and
+micro-batch counts alone (each slot's shuffle replays on sample positions, no data read), and the samples
+not yet trained are cut over the new layout exactly as a whole epoch is: equal slots, whole batches, whole
+optimizer steps; what does not fill them is left out, as at every epoch's end (fewer than ranks × workers
+× batch × grad_accum samples). The next epochs follow the new layout's plan.
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import itertools
 import logging
 import random
 import signal
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import webdataset as wds
 from omegaconf import MISSING
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -98,6 +106,78 @@ class Layout:
         """Micro-batches per rank per epoch."""
         return self.batches_per_slot * self.workers
 
+    @classmethod
+    def over(cls, samples: int, ranks: int, workers: int, batch: int) -> Layout:
+        """`samples` cut into ranks × workers equal slots (what does not divide is left out)."""
+        workers = max(1, workers)
+        return cls(ranks, workers, batch, samples // (ranks * workers))
+
+    def done_in_slot(self, worker: int, micro: int) -> int:
+        """Batches slot worker `worker` made for the first `micro` micro-batches of its rank."""
+        return min(self.batches_per_slot, max(0, -(-(micro - worker) // self.workers)))
+
+
+@dataclass(frozen=True)
+class Leg:
+    """A stretch of one epoch read under one layout: ranks × workers slots, batches of `batch`, each slot
+    through a seeded shuffle buffer of `shuffle` samples; `micro` micro-batches per rank were trained."""
+
+    ranks: int
+    workers: int
+    batch: int
+    shuffle: int
+    micro: int = 0
+
+    def same_layout(self, other: Leg) -> bool:
+        return (self.ranks, max(1, self.workers), self.batch, self.shuffle) == (
+            other.ranks,
+            max(1, other.workers),
+            other.batch,
+            other.shuffle,
+        )
+
+
+def shuffle_seed(seed: int, epoch: int, slot: int, leg: int) -> int:
+    """The seed of a slot's shuffle buffer. Leg 0 (an epoch read in one go) keeps the seed it always had,
+    so checkpoints written before legs existed replay the same order."""
+    if leg == 0:
+        return derive_seed(seed, "shuffle", epoch, slot)
+    return derive_seed(seed, "shuffle", epoch, slot, "leg", leg)
+
+
+def untrained(total: int, legs: Sequence[Leg], seed: int, epoch: int) -> np.ndarray:
+    """Positions (in the epoch's shard order, ascending) of the samples the `legs` of `epoch` did not
+    train. Each leg cut the samples its predecessors left over its own layout; a slot trained the first
+    batches of its seeded shuffle, which replays here on the positions alone (the shuffle's draws depend
+    only on how many samples pass, never on their bytes)."""
+    pool = np.arange(total, dtype=np.int64)
+    for index, leg in enumerate(legs):
+        layout = Layout.over(len(pool), leg.ranks, leg.workers, leg.batch)
+        trained: list[int] = []
+        for slot in range(leg.ranks * layout.workers):
+            count = layout.done_in_slot(slot % layout.workers, leg.micro) * leg.batch
+            if count:
+                mine = pool[slot * layout.per_slot : (slot + 1) * layout.per_slot].tolist()
+                rng = random.Random(shuffle_seed(seed, epoch, slot, index))
+                trained += itertools.islice(shuffle(iter(mine), leg.shuffle, rng), count)
+        pool = np.setdiff1d(pool, np.asarray(trained, dtype=np.int64), assume_unique=True)
+    return pool
+
+
+@dataclass(frozen=True)
+class Rest:
+    """The samples of an epoch that earlier legs left untrained, read as a leg of their own."""
+
+    epoch: int
+    legs: tuple[Leg, ...]  # the epoch's earlier legs, oldest first
+    layout: Layout  # the untrained samples cut over this run's ranks × workers
+    micro: int  # micro-batches per rank this leg trains (whole optimizer steps)
+    pool: np.ndarray = field(repr=False, compare=False)  # their positions, ascending
+
+    @property
+    def leg(self) -> int:
+        return len(self.legs)
+
 
 # --------------------------------------------------------------------------- stages
 
@@ -118,6 +198,23 @@ def shuffle(stream: Iterator[dict[str, Any]], bufsize: int, rng: random.Random) 
 
 def skip(stream: Iterator[dict[str, Any]], count: int) -> Iterator[dict[str, Any]]:
     return itertools.islice(stream, count, None)
+
+
+def read_positions(shards: list[Shard], positions: Sequence[int]) -> Iterator[dict[str, Any]]:
+    """Raw samples at `positions` (ascending) of the concatenation of `shards`, each shard read once,
+    up to the last sample wanted from it (and checked against its sha256 when read to its end)."""
+    offset, i = 0, 0
+    for shard in shards:
+        count = shard[1]
+        first = i
+        while i < len(positions) and positions[i] < offset + count:
+            i += 1
+        if i > first:
+            wanted = {int(p) - offset for p in positions[first:i]}
+            lo, hi = int(positions[first]) - offset, int(positions[i - 1]) - offset + 1
+            samples = read_ranges(cut([shard], lo, hi))
+            yield from (s for at, s in enumerate(samples, start=lo) if at in wanted)
+        offset += count
 
 
 def decode_or_substitute(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -177,7 +274,7 @@ def batched(
 
 
 class TrainEpoch(IterableDataset):
-    """One epoch of one rank; each loader worker reads its own slot."""
+    """One epoch (or the rest of one, `rest`) of one rank; each loader worker reads its own slot."""
 
     def __init__(
         self,
@@ -190,10 +287,12 @@ class TrainEpoch(IterableDataset):
         seed: int,
         prep: Prep,
         collate: Collate,
+        rest: Rest | None = None,
     ) -> None:
         super().__init__()
         self.shards, self.layout, self.rank, self.epoch, self.start = shards, layout, rank, epoch, start
         self.shuffle_buffer, self.seed, self.prep, self.collate = shuffle_buffer, seed, prep, collate
+        self.rest = rest
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -203,12 +302,17 @@ class TrainEpoch(IterableDataset):
         worker = ((info.id if info is not None else 0) + self.start) % lay.workers
         slot = self.rank * lay.workers + worker
         # Micro-batches i < start were trained already; slot worker w made those with i % W == w.
-        done = max(0, -(-(self.start - worker) // lay.workers))
-        ranges = cut(self.shards, slot * lay.per_slot, (slot + 1) * lay.per_slot)
-        rng = random.Random(derive_seed(self.seed, "shuffle", self.epoch, slot))
+        done = lay.done_in_slot(worker, self.start)
+        if self.rest is None:  # the whole epoch: a contiguous range of its samples
+            leg = 0
+            source = partial(read_ranges, cut(self.shards, slot * lay.per_slot, (slot + 1) * lay.per_slot))
+        else:  # what earlier legs left: scattered positions, each shard read once
+            leg, mine = self.rest.leg, self.rest.pool[slot * lay.per_slot : (slot + 1) * lay.per_slot]
+            source = partial(read_positions, self.shards, mine)
+        rng = random.Random(shuffle_seed(self.seed, self.epoch, slot, leg))
         prep = partial(prepare, prep=self.prep, seed=self.seed, epoch=self.epoch, train=True)
         pipeline = wds.DataPipeline(
-            partial(read_ranges, ranges),  # this slot's samples as raw bytes (webdataset's tar reader)
+            source,  # this slot's samples as raw bytes (webdataset's tar reader)
             partial(shuffle, bufsize=self.shuffle_buffer, rng=rng),  # seeded: replays exactly on resume
             partial(skip, count=done * lay.batch),  # trained before a resume: dropped before decoding, cheap
             decode_or_substitute,  # an undecodable sample is counted and replaced, never fatal here
@@ -307,9 +411,11 @@ class TrainData:
         prep: Prep,
         collate: Collate,
         pin: bool,
+        rest: Rest | None = None,
     ) -> None:
         self.cfg, self.manifest, self.layout, self.micro_per_epoch = cfg, manifest, layout, micro_per_epoch
         self.rank, self.seed, self.prep, self.collate, self.pin = rank, seed, prep, collate, pin
+        self.rest = rest
 
     @classmethod
     def of(
@@ -322,10 +428,12 @@ class TrainData:
         seed: int,
         task: Task,
         device: str,
+        rest: Rest | None = None,
     ) -> TrainData:
-        """Rank `rank`'s data as the plan lays it out, preprocessed and batched by `task`."""
+        """Rank `rank`'s data as the plan lays it out (`rest`: what is left of a resumed epoch that
+        earlier legs read in part), preprocessed and batched by `task`."""
         pin = device.startswith("cuda")
-        return cls(cfg, manifest, layout, micro_per_epoch, rank, seed, task.prep, task.collate, pin)
+        return cls(cfg, manifest, layout, micro_per_epoch, rank, seed, task.prep, task.collate, pin, rest)
 
     def epoch(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
         """The micro-batches of `epoch` from number `start` on (those before were trained already)."""
@@ -333,9 +441,10 @@ class TrainData:
         shards = split_shards(
             self.manifest, self.cfg.train_split, self.seed, epoch, self.cfg.shuffle_shards, verify
         )
+        rest = self.rest if self.rest is not None and self.rest.epoch == epoch else None
         dataset = TrainEpoch(
             shards,
-            self.layout,
+            rest.layout if rest else self.layout,
             self.rank,
             epoch,
             start,
@@ -343,8 +452,10 @@ class TrainData:
             self.seed,
             self.prep,
             self.collate,
+            rest,
         )
-        return batches_of(loader(dataset, self.cfg.workers, self.pin), max(0, self.micro_per_epoch - start))
+        count = (rest.micro if rest else self.micro_per_epoch) - start
+        return batches_of(loader(dataset, self.cfg.workers, self.pin), max(0, count))
 
     def eval_batches(self, batch: int) -> Iterator[dict[str, Any]]:
         shards = split_shards(self.manifest, self.cfg.eval_split, verify=self.cfg.verify == "sha256")

@@ -1,5 +1,6 @@
 """The one module that imports DeepSpeed: the ds config from TrainConfig, the optimizer and LR
-schedule, `deepspeed.initialize`, what the loop may call on the engine (`Engine`), teardown, and the
+schedule, `deepspeed.initialize`, what the loop may call on the engine (`Engine`), checkpoints (saved,
+loaded, converted to DeepSpeed's universal format for another number of ranks), teardown, and the
 model's full fp32 weights: consolidated from a checkpoint of any ZeRO stage, or gathered live.
 
 Version facts worked around here (../shared/notes/stack-on-cpu.md): no `zero.Init` (it corrupts
@@ -23,6 +24,7 @@ import torch
 
 from plumbing.config import require
 from plumbing.errors import UserError
+from plumbing.files import is_write_error
 
 
 def _deepspeed() -> Any:
@@ -81,7 +83,7 @@ class DeepSpeedConfig:
     stage3_param_persistence_threshold: int = 100000
     """ZeRO-3 keeps parameters smaller than this whole on every rank (0 partitions all of them)."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Raw DeepSpeed config keys merged over the generated config (for experts; logged)."""
+    """Raw DeepSpeed config keys merged over the generated config (for experts; logged). `checkpoint.load_universal: true` resumes through DeepSpeed's universal format even on the same number of ranks."""
 
     def __post_init__(self) -> None:
         require(self.zero_stage in (0, 1, 2, 3), self, "zero_stage", "0, 1, 2 or 3")
@@ -101,6 +103,18 @@ class DeepSpeedConfig:
             "stage3_param_persistence_threshold",
             "an int >= 0",
         )
+        require(
+            not (self.universal_forced and self.zero_stage == 0),
+            self,
+            "overrides",
+            "no checkpoint.load_universal under zero_stage 0 (its optimizer state is whole and loads as it is)",
+        )
+
+    @property
+    def universal_forced(self) -> bool:
+        """The overrides ask DeepSpeed to load checkpoints in its universal format."""
+        section = self.overrides.get("checkpoint")
+        return isinstance(section, dict) and bool(section.get("load_universal"))
 
 
 @dataclass(frozen=True)
@@ -116,7 +130,9 @@ class BatchSizes:
         return self.micro * self.accum * self.world
 
 
-def ds_config(ds: DeepSpeedConfig, optim: OptimConfig, sizes: BatchSizes, on_cuda: bool) -> dict[str, Any]:
+def ds_config(
+    ds: DeepSpeedConfig, optim: OptimConfig, sizes: BatchSizes, on_cuda: bool, universal: bool = False
+) -> dict[str, Any]:
     if ds.precision == "fp16" and not on_cuda:
         raise UserError("deepspeed.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
     zero: dict[str, Any] = {"stage": ds.zero_stage}
@@ -144,6 +160,8 @@ def ds_config(ds: DeepSpeedConfig, optim: OptimConfig, sizes: BatchSizes, on_cud
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if universal:  # the checkpoint to resume is in DeepSpeed's universal format (to_universal)
+        config["checkpoint"] = {"load_universal": True}
     if (
         ds.offload_optimizer
     ):  # ZeRO-Offload needs DeepSpeed's CPU Adam, so the optimizer comes from the config
@@ -176,8 +194,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     """AdamW groups: no decay for biases, norm gains and the temperature (all < 2-D; open_clip's rule)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+        if p.requires_grad:  # ZeRO-3 keeps a partitioned parameter's own shape in ds_shape
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (no_decay if ndim < 2 or "logit_scale" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -185,6 +204,11 @@ def group_names(model: torch.nn.Module, weight_decay: float) -> list[list[str]]:
     """Parameter names of each optimizer group, in order: maps optimizer-held fp32 copies to names."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [[names[id(p)] for p in group["params"]] for group in param_groups(model, weight_decay)]
+
+
+def trainable_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    """The full shape of every trainable parameter (ZeRO-3 keeps it in `ds_shape` once partitioned)."""
+    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def adamw(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.AdamW:
@@ -234,12 +258,14 @@ def build_engine(
     sizes: BatchSizes,
     total_steps: int,
     device: str,
+    universal: bool = False,
 ) -> Engine:
     """Optimizer groups → ds config → deepspeed.initialize (ZeRO partitioning happens there). What
-    must not train is frozen already (the task's `build`)."""
+    must not train is frozen already (the task's `build`). `universal`: the checkpoint it will load is
+    in DeepSpeed's universal format."""
     on_cuda = device.startswith("cuda")
     groups = param_groups(model, optim.weight_decay)
-    config = ds_config(ds, optim, sizes, on_cuda)
+    config = ds_config(ds, optim, sizes, on_cuda, universal)
     optimizer = None
     if "optimizer" not in config:
         optimizer = adamw(groups, optim)
@@ -273,6 +299,91 @@ def load_checkpoint(engine: Engine, root: Path, tag: str) -> None:
     )
     if path is None:
         raise UserError(f"{root / tag}: DeepSpeed found no checkpoint to load")
+    _reapply_schedule(engine)
+
+
+def to_universal(checkpoint: Path, out: Path) -> None:
+    """DeepSpeed's own conversion of a ZeRO 1-3 checkpoint to its universal format
+    (deepspeed/checkpoint/ds_to_universal.py, called as DeepSpeed's tests/unit/checkpoint do): each
+    parameter's fp32 weights, Adam moments and step whole under out/zero/<name>/, which a ZeRO 1-3
+    engine of any number of ranks re-partitions as it loads (`checkpoint.load_universal`). One process
+    (its worker pools would fork a training process); `inject_missing_state` marks a checkpoint written
+    without Megatron's universal-checkpoint info, which a plain data-parallel model does not need."""
+    _deepspeed()
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    args = SimpleNamespace(
+        input_folder=str(checkpoint),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    try:
+        with (
+            open(os.devnull, "w") as quiet,
+            contextlib.redirect_stdout(quiet),
+            contextlib.redirect_stderr(quiet),
+        ):
+            convert(args)  # prints every step and a progress bar
+    except Exception as err:  # the converter asserts: any failure of it is a checkpoint it cannot take
+        if isinstance(err, OSError | RuntimeError) and is_write_error(err):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"{checkpoint}: DeepSpeed cannot convert it to its universal format ({first})"
+        ) from None
+    finally:
+        (out.parent / "latest_universal").unlink(
+            missing_ok=True
+        )  # its pointer for tag-less loads; we name tags
+
+
+def load_universal(engine: Engine, folder: Path) -> None:
+    """Load a checkpoint converted by `to_universal` into an engine built with `universal=True`: its
+    ZeRO optimizer re-partitions every fp32 weight and moment over this run's ranks; the LR schedule
+    and step counters come from the original's model states (copied into the folder by the converter)."""
+    load_checkpoint(engine, folder.parent, folder.name)
+    _own_steps(engine)
+
+
+def _own_steps(engine: Engine) -> None:
+    """Every optimizer state gets its own `step`, placed as torch's Optimizer.load_state_dict places it
+    (optim/optimizer.py, _process_value_according_to_param_policy: float32 on the parameter's device
+    for a fused or capturable optimizer). DeepSpeed 0.19.7's universal loader gives every ZeRO-3
+    sub-group one shared step tensor (runtime/zero/stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    and leaves steps on the CPU; torch's fused AdamW adds 1 to each group's step in place
+    (optim/adam.py, _fused_adam) and ZeRO-3 steps its sub-groups one at a time, so a shared step
+    counted 2 per optimizer step here (Adam's bias correction then drifts)."""
+    optimizer = getattr(engine, "optimizer", None)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, torch.optim.Optimizer):
+        return
+    on_device = any(g.get("fused") or g.get("capturable") for g in inner.param_groups)
+    for param, state in inner.state.items():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            device = param.device if on_device else step.device
+            state["step"] = step.to(dtype=torch.float32, device=device, copy=True)
+
+
+def _reapply_schedule(engine: Engine) -> None:
+    """The learning rate of the next update from this run's schedule at the loaded step. The saved
+    scheduler state holds the step, not the schedule (a LambdaLR's function is not saved), so the
+    rate DeepSpeed restores is the old schedule's; when a resume changes the schedule's length (another
+    global batch), the new one applies from the first update, not the second. Untouched otherwise."""
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    step = scheduler.last_epoch
+    rates = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    if rates != scheduler.get_last_lr():
+        scheduler.last_epoch -= 1
+        scheduler.step()  # the public way to set every group's rate (and the scheduler's record of it)
 
 
 def consolidated_state_dict(

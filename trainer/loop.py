@@ -1,11 +1,17 @@
 """The training loop: epochs of micro-steps, with the checkpoint, evaluation, signal and divergence
-checks between them. It runs any task; the task only turns a batch into a loss."""
+checks between them. It runs any task; the task only turns a batch into a loss.
+
+A test hook: with TRAINER_RECORD_KEYS naming a folder, every rank appends `<epoch>\t<key>` for each
+sample it trained to `keys-rank<R>.tsv` there (tests/test_resume_world.py checks with it that an epoch
+resumed on another number of ranks trains every sample once).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -21,7 +27,7 @@ from plumbing.seeds import derive_seed
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import TrainConfig
 from trainer.data import TrainData
-from trainer.engine import Engine, group_names
+from trainer.engine import Engine, group_names, trainable_shapes
 from trainer.evaluate import Evaluator
 from trainer.monitor import Monitor, StepStats, Stopwatch
 from trainer.plan import Plan
@@ -59,6 +65,8 @@ class Loop:
         self.ckpt, self.evaluator, self.monitor = parts.ckpt, parts.evaluator, parts.monitor
         self.config = to_dict(cfg)
         self.groups = group_names(self.engine.module, cfg.optim.weight_decay)
+        self.shapes = trainable_shapes(self.engine.module)
+        self.keys = KeyRecord(rank)
         done = self.ckpt.complete()
         self.last_checkpoint: Path | None = done[-1] if done else None
         self.signals = StopSignals()
@@ -102,6 +110,7 @@ class Loop:
                 else:
                     self.bad_in_row = 0
                     losses.append(micro.loss)
+                    self.keys.write(s.epoch, batch["keys"])
                 if not (micro.finite and micro.boundary):
                     continue
                 s.step += 1
@@ -125,14 +134,14 @@ class Loop:
                 data_time, losses = 0.0, []
                 if micro.stop:
                     return self.preempted()
-                if s.micro_in_epoch == self.plan.micro_per_epoch:
+                if s.micro_in_epoch == self.plan.micro_for(s.epoch):
                     break  # the epoch's last step: its checkpoint is the epoch-end one, below
                 if self.ckpt.should_save(s, epoch_end=False):
                     self.save()
                 if s.step >= self.plan.total:  # train.max_steps, mid-epoch
                     self.save()
                     return 0
-        s.epoch, s.micro_in_epoch = s.epoch + 1, 0
+        s.epoch, s.micro_in_epoch, s.legs = s.epoch + 1, 0, []
         self.sync_counters()
         if self.ckpt.should_save(s, epoch_end=True) or self.ckpt.should_save(s, epoch_end=False):
             self.save()
@@ -192,7 +201,7 @@ class Loop:
             )
             return False
         self.last_checkpoint = self.ckpt.save(
-            self.engine, self.state, self.config, self.groups, self.task.extra_state()
+            self.engine, self.state, self.config, self.groups, self.task.extra_state(), self.shapes
         )
         return True
 
@@ -222,6 +231,19 @@ class Loop:
             f"{self.bad_in_row} non-finite losses in a row at step {self.state.step} (train.max_nonfinite): {where}; "
             "lower optim.lr or check the data"
         )
+
+
+class KeyRecord:
+    """The keys of the samples this rank trained, when TRAINER_RECORD_KEYS names a folder (a test hook)."""
+
+    def __init__(self, rank: int) -> None:
+        folder = os.environ.get("TRAINER_RECORD_KEYS", "")
+        self.path = Path(folder) / f"keys-rank{rank:05d}.tsv" if folder else None
+
+    def write(self, epoch: int, keys: list[str]) -> None:
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(f"{epoch}\t{key}\n" for key in keys))
 
 
 class StopSignals:

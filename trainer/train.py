@@ -19,15 +19,15 @@ from plumbing.dist import (
 )
 from plumbing.errors import UserError
 from plumbing.logs import setup_logging
-from trainer.checkpoint import Checkpointer, TrainState
+from trainer.checkpoint import Checkpointer, Saved, TrainState, check_fits
 from trainer.config import TrainConfig
 from trainer.data import TrainData
-from trainer.engine import Engine, build_engine, teardown
+from trainer.engine import Engine, build_engine, group_names, teardown, trainable_shapes
 from trainer.evaluate import Evaluator
 from trainer.export import export, verify_export
 from trainer.loop import Loop, Parts
 from trainer.monitor import Monitor
-from trainer.plan import plan
+from trainer.plan import Plan, plan
 from trainer.run import RunFolder
 from trainer.tasks import make_task
 from trainer.tasks.base import Task
@@ -45,10 +45,13 @@ def train(cfg: TrainConfig) -> int:
         where = ranks_by_node(info)
         log.info("%s launch, %d ranks (%s); device %s", info.launcher, info.world_size, where, device)
         manifest = check_data(cfg, info)  # 1. the data, checked before anything heavy
-        the_plan = plan(cfg, manifest, info.world_size)  # 2. the plan: steps, total, LR horizon
+        ckpt = Checkpointer(cfg.checkpoint, run.checkpoints, info)
+        saved = ckpt.find(cfg.resume)  # 2. the checkpoint to resume, if any (read, not loaded yet)
+        # 3. the plan: steps, total, LR horizon; how a resume continues under this run's layout
+        the_plan = plan(cfg, manifest, info.world_size, saved)
         if info.is_main:
             save_config(cfg, run.config)
-        task = make_task(cfg, run, info, device)  # 3. the task: model, preprocessing, loss, export
+        task = make_task(cfg, run, info, device)  # 4. the task: model, preprocessing, loss, export
         data = TrainData.of(
             cfg.data,
             manifest,
@@ -58,21 +61,31 @@ def train(cfg: TrainConfig) -> int:
             cfg.run.seed,
             task,
             device,
+            the_plan.rest,
         )
         torch.manual_seed(cfg.run.seed)  # the initialisation of what the task adds (the heads)
-        # 4. DeepSpeed: ZeRO partitions the task's model, the optimizer and the LR schedule
+        model = task.build()
+        universal = continuable(ckpt, saved, cfg, model, info.world_size)  # 5. refused, or converted
+        # 6. DeepSpeed: ZeRO partitions the task's model, the optimizer and the LR schedule
         engine = build_engine(
-            task.build(), cfg.deepspeed, cfg.optim, the_plan.sizes, the_plan.horizon, device
+            model,
+            cfg.deepspeed,
+            cfg.optim,
+            the_plan.sizes,
+            the_plan.horizon,
+            device,
+            universal is not None,
         )
-        ckpt = Checkpointer(cfg.checkpoint, run.checkpoints, info)
-        state = resume(ckpt, engine, task, cfg.resume, TrainState.of(the_plan.layout))  # 5. resume
+        state = resume(ckpt, engine, task, saved, universal, the_plan)  # 7. resume
         evaluator = Evaluator(cfg.eval, task, lambda: data.eval_batches(cfg.eval.batch_size))
         monitor = Monitor(run.root, info.is_main, device, cfg.run.log_every, the_plan.total, state.step)
         log.info("%s; run folder %s", the_plan.describe(cfg.data.train_split), run.root)
+        if saved is not None and the_plan.note:
+            log.info("resuming %s under another layout: %s", saved.path, the_plan.note)
         loop = Loop(cfg, the_plan, Parts(task, data, engine, ckpt, evaluator, monitor), state, info.rank)
-        code = loop.run()  # 6. train
+        code = loop.run()  # 8. train
         monitor.hparams({**task.hyperparameters(), **hyperparameters(cfg, the_plan.global_batch)})
-        if code == 0:  # 7. export, checked against the live engine
+        if code == 0:  # 9. export, checked against the live engine
             publish(engine, task, loop.last_checkpoint, run, cfg.run.verify_export, info.is_main)
         barrier()
         return code
@@ -83,14 +96,30 @@ def train(cfg: TrainConfig) -> int:
         destroy_process_group()
 
 
-def resume(ckpt: Checkpointer, engine: Engine, task: Task, resume: str, fresh: TrainState) -> TrainState:
-    """The state to start from: `fresh`, or a checkpoint's (engine and task restored from it)."""
-    found = ckpt.find(resume)
-    if found is None:
-        return fresh
-    state, extra = ckpt.load(engine, found, fresh)
-    task.load_extra_state(extra)
-    return state
+def continuable(
+    ckpt: Checkpointer, saved: Saved | None, cfg: TrainConfig, model: torch.nn.Module, world: int
+) -> Path | None:
+    """Refuse, in one line, a checkpoint of another task, ZeRO stage or model; return the folder it
+    loads from in DeepSpeed's universal format when this run needs one (another number of ranks)."""
+    if saved is None:
+        return None
+    groups = group_names(model, cfg.optim.weight_decay)
+    check_fits(saved, cfg.train.objective, cfg.deepspeed.zero_stage, groups, trainable_shapes(model), world)
+    return ckpt.universal(saved, world, cfg.deepspeed.zero_stage, cfg.deepspeed.universal_forced)
+
+
+def resume(
+    ckpt: Checkpointer,
+    engine: Engine,
+    task: Task,
+    saved: Saved | None,
+    universal: Path | None,
+    the_plan: Plan,
+) -> TrainState:
+    """The state to start from (the plan's); the engine and task restored from the checkpoint, if any."""
+    if saved is not None:
+        task.load_extra_state(ckpt.load(engine, saved, universal))
+    return the_plan.state()
 
 
 def publish(
