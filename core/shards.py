@@ -15,6 +15,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -114,6 +115,16 @@ def captions_of(sample: dict[str, Any]) -> list[str]:
     if meta.get("captions"):
         return list(meta["captions"])
     return [sample["txt"].decode("utf-8")] if "txt" in sample else []
+
+
+def rgb_or_none(source: bytes | str | Path) -> Image.Image | None:
+    """An image's bytes or file, decoded to RGB; None when it cannot be read (truncated, not an image,
+    a decompression bomb): the caller counts it as skipped."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def decode(sample: dict[str, Any]) -> dict[str, Any]:

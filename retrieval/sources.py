@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import tarfile
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from core.manifest import load_manifest
-from core.shards import captions_of, image_bytes, read_split
+from core.shards import captions_of, image_bytes, read_split, rgb_or_none
 from plumbing.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -54,41 +53,25 @@ class ImageSet:
         in_tars: dict[str, dict[str, ImageItem]] = {}
         for item in items:
             if Path(item.source).suffix.lower() in IMAGE_SUFFIXES:
-                yield item, _open(item.source)
+                yield item, rgb_or_none(item.source)
             else:  # a sample of a WebDataset shard: read below, a shard at a time
                 shard, key = item.source.rsplit(":", 1)
                 in_tars.setdefault(shard, {})[key] = item
         for shard, wanted in in_tars.items():
             for key, data in _tar_images(Path(shard)):
                 if key in wanted:
-                    yield wanted.pop(key), _decode(data)
+                    yield wanted.pop(key), rgb_or_none(data)
             yield from ((item, None) for item in wanted.values())
 
 
 def picture_of(source: str, manifest: Path | None, split: str) -> Image.Image | None:
     """One picture by its `source` (a file, shard:key of a WebDataset shard, or of a manifest split)."""
     if Path(source).suffix.lower() in IMAGE_SUFFIXES:
-        return _open(source)
+        return rgb_or_none(source)
     shard, key = source.rsplit(":", 1)
     if manifest is not None:
         return next((p for _, p in iter_manifest(manifest, split, {key})), None)
-    return next((_decode(data) for k, data in _tar_images(Path(shard)) if k == key), None)
-
-
-def _open(path: str) -> Image.Image | None:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-
-
-def _decode(data: bytes) -> Image.Image | None:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
+    return next((rgb_or_none(data) for k, data in _tar_images(Path(shard)) if k == key), None)
 
 
 def _tar_images(path: Path) -> Iterator[tuple[str, bytes]]:
@@ -150,7 +133,7 @@ def iter_manifest(path: Path, split: str, wanted: set[str]) -> Iterator[tuple[st
     """(key, picture or None when it does not decode) for the wanted keys, in manifest order."""
     for key, _, _, data in _samples(str(path), split, with_images=True):
         if key in wanted:
-            yield key, _decode(data)
+            yield key, rgb_or_none(data)
 
 
 def _samples(path: str, split: str, with_images: bool) -> Iterator[tuple[str, str, tuple[str, ...], bytes]]:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from PIL import Image
 from core.clip import Embedder, ranked_first
 from core.manifest import load_manifest
 from core.records import Record
-from core.shards import image_bytes, read_split
+from core.shards import image_bytes, read_split, rgb_or_none
 
 CHUNK = 64  # pictures opened and embedded at a time: memory stays flat however many there are
 NO_VALUE = "(none)"  # the group of records without the column (a .txt beside a .tsv)
@@ -161,21 +160,13 @@ def _real_embeddings(
     found: list[tuple[str, Image.Image]] = []
     for sample in read_split(load_manifest(Path(manifest)), split):
         if sample["__key__"] in keys:
-            picture = _decode(image_bytes(sample) or b"")
+            picture = rgb_or_none(image_bytes(sample) or b"")
             if picture is not None:
                 found.append((sample["__key__"], picture))
     if not found:
         return {}
     embeddings = _embed(scorer, (picture for _, picture in found))
     return {(manifest, split, key): e for (key, _), e in zip(found, embeddings)}
-
-
-def _decode(data: bytes) -> Image.Image | None:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
 
 
 def _groups(
