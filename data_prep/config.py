@@ -159,8 +159,8 @@ class SyntheticConfig:
     """Width of the Flickr8k-format JPEGs."""
     flickr_height: int = 120
     """Height of the Flickr8k-format JPEGs."""
-    flickr_object: float = 0.16
-    """Radius of each picture's object, as a fraction of the picture's short side (±15 % jitter)."""
+    flickr_object: float = 0.25
+    """Half-width of each picture's object, as a fraction of the picture's short side (±10 % jitter): at 0.25 the shapes still differ by their corners where the demo's models see them (64 px for CLIP, 32 for the U-Net)."""
 
     def __post_init__(self) -> None:
         for name in ("cifar_per_batch", "cifar_test", "flickr_train", "flickr_dev", "flickr_test"):
