@@ -31,7 +31,8 @@ bench: setup  ## CPU benchmarks; bench/gpu.py is for a GPU machine
 	$(PY) -m bench.sample
 	$(PY) -m bench.train_diffusion
 
-bench-prompts: demo  ## do the demo's pictures show what their prompts say? (pixel-level check against chance)
+bench-prompts: demo  ## does the demo learn every word? its CLIP captions by attribute, its pictures judged by pixels
+	$(PY) -m bench.caption_following --export runs/demo-flickr8k/export --manifest data/demo/flickr8k/manifest.json --run runs/demo-flickr8k
 	$(PY) -m bench.prompt_following --model runs/demo-diffusion/export
 
 bench-peer: setup  ## this harness against open_clip 3.3.0's own trainer, side by side (open_clip goes into .venv-peer/)

@@ -26,10 +26,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from bench.common import Target, machine, slug, write_results
-from data_prep.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES
+from data_prep.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, draw_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRIBUTES = ("background", "colour", "position", "shape")
@@ -111,43 +111,33 @@ def judge(picture: Image.Image) -> dict[str, str | None]:
 
 
 def _shape(mask: np.ndarray, weight: np.ndarray) -> str:
-    """The synthetic shape whose outline best fits the object: each of the four, drawn as
-    data_prep/synthetic.py draws it (at 4× resolution, then averaged down to the picture's pixels),
-    is placed on the object's centre and sized to its extent, and the one with the highest soft IoU
-    against the object's pixels (`weight`: how far each pixel is from the background, 0..1) wins."""
-    h, w = mask.shape
+    """The synthetic shape whose outline best fits the object: each of the four, drawn by the synthetic
+    set's own `draw_shape` (at 4× resolution, then averaged down to the picture's pixels), sized to the
+    object's extent and placed on its bounding box, and the one with the highest soft IoU against the
+    object's pixels (`weight`: how far each pixel is from the background, 0..1) wins."""
     ys, xs = np.nonzero(mask)
-    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
-    half = max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) / 2
-    best, score = "circle", -1.0
+    box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    best, score = SHAPES[0], -1.0
     for shape in SHAPES:
-        template = _template(shape, cx, cy, half, h, w)
+        template = _template(shape, box, mask.shape)
         iou = np.minimum(template, weight).sum() / max(np.maximum(template, weight).sum(), 1e-6)
         if iou > score:
             best, score = shape, iou
     return best
 
 
-def _template(shape: str, cx: float, cy: float, half: float, h: int, w: int, k: int = 4) -> np.ndarray:
-    """`shape` as synthetic.flickr_picture draws it, scaled so its extent is 2·`half` pixels."""
-    from PIL import ImageDraw
-
-    # each shape's half-extent in units of its radius r (synthetic.flickr_picture)
-    r = half / {"circle": 1.0, "square": 0.85, "triangle": 1.0, "cross": 1.0}[shape]
+def _template(shape: str, box: tuple[int, int, int, int], size: tuple[int, int], k: int = 4) -> np.ndarray:
+    """`shape` as the synthetic set draws it, its bounding box fitted to `box` (x0, y0, x1, y1)."""
+    h, w = size
+    half = max(box[2] - box[0], box[3] - box[1]) * k / 2
+    probe = Image.new("L", (8 * k, 8 * k), 0)  # where the shape's box sits around its centre
+    draw_shape(ImageDraw.Draw(probe), shape, 4 * k, 4 * k, 2 * k, 255)
+    px0, py0, px1, py1 = probe.getbbox() or (0, 0, 8 * k, 8 * k)
+    scale = half / (2 * k)
+    cx = (box[0] + box[2]) * k / 2 - ((px0 + px1) / 2 - 4 * k) * scale
+    cy = (box[1] + box[3]) * k / 2 - ((py0 + py1) / 2 - 4 * k) * scale
     big = Image.new("L", (w * k, h * k), 0)
-    d = ImageDraw.Draw(big)
-    x, y, r = cx * k, cy * k, r * k
-    if shape == "circle":
-        d.ellipse((x - r, y - r, x + r, y + r), fill=255)
-    elif shape == "square":
-        d.rectangle((x - r * 0.85, y - r * 0.85, x + r * 0.85, y + r * 0.85), fill=255)
-    elif shape == "triangle":  # its extent is 1.8 r high: centred on the box, the apex r·0.9 above
-        y += r * 0.1
-        d.polygon([(x, y - r), (x - r, y + r * 0.8), (x + r, y + r * 0.8)], fill=255)
-    else:
-        a = r * 0.32
-        d.rectangle((x - r, y - a, x + r, y + a), fill=255)
-        d.rectangle((x - a, y - r, x + a, y + r), fill=255)
+    draw_shape(ImageDraw.Draw(big), shape, cx, cy, half, 255)
     return np.asarray(big.resize((w, h), Image.Resampling.BOX), np.float32) / 255
 
 
