@@ -205,6 +205,17 @@ def accuracy(pictures: list[Image.Image], items: list[tuple[str, dict[str, str]]
     return {a: hits[a] / len(items) for a in ATTRIBUTES}
 
 
+def confusion(
+    pictures: list[Image.Image], items: list[tuple[str, dict[str, str]]]
+) -> dict[str, dict[str, int]]:
+    """For each shape the prompts ask for, how often the pictures were judged each shape ("none":
+    no object found): where the shape misses go."""
+    table = {s: {t: 0 for t in [*SHAPES, "none"]} for s in SHAPES}
+    for picture, (_, want) in zip(pictures, items):
+        table[want["shape"]][judge(picture)["shape"] or "none"] += 1
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -226,7 +237,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         pictures = draw(args.model, items, work / "trained", ["preset=''"])
-        trained = accuracy(pictures, items)
+        trained, shapes = accuracy(pictures, items), confusion(pictures, items)
         chance = accuracy(draw(str(work / "random-tiny"), items, work / "random", ["preset=tiny"]), items)
     side = pictures[0].width
     truth = accuracy(*renders(side, 400))
@@ -237,12 +248,17 @@ def main() -> None:
             f"  {'':12s} {'trained':>8s} {'random':>8s} {'judge on true renders':>22s}",
             *[f"  {a:12s} {trained[a]:8.1%} {chance[a]:8.1%} {truth[a]:22.1%}" for a in ATTRIBUTES],
             f"  (the judge on 400 true renders of the synthetic scenes at {side} px: how far its verdicts can be trusted)",
+            "  shape asked → judged (trained): "
+            + " | ".join(
+                f"{want}: " + ", ".join(f"{got} {n}" for got, n in row.items() if n)
+                for want, row in shapes.items()
+            ),
             *[t.line() for t in targets],
         ]
     )
     print(text)
     name = f"prompt_following-{slug(machine()['cpu'])}"
-    results = {"trained": trained, "random": chance, "judge_on_renders": truth}
+    results = {"trained": trained, "random": chance, "judge_on_renders": truth, "trained_shapes": shapes}
     print(f"wrote {write_results(name, results, targets, text, args.out)}")
 
 
