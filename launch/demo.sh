@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline on the embedded default, offline, on this machine's CPUs.
 #   1. synthetic data in the official CIFAR-10 / Flickr8k formats → WebDataset shards
-#   2. train the tiny CLIPFineTuner on both CLIP tasks: launch/torchrun.sh, 2 processes, DeepSpeed ZeRO-2
+#   2. train the tiny CLIPFineTuner on both CLIP tasks: launch/torchrun.sh, 2 processes, DeepSpeed
+#      (CIFAR-10 under ZeRO-2; Flickr8k under ZeRO-0, the stage its many small steps run fastest on CPU)
 #   3. train the tiny VAE, then the tiny U-Net conditioned by the fine-tuned text encoder (same harness)
 #   4. every run's own evaluation, before and after
 #   5. draw configs/prompts/demo.txt from the U-Net's export; CLIP score and R-precision of the pictures
@@ -24,9 +25,9 @@ stage "1/6 data: synthetic CIFAR-10 and Flickr8k in their official formats → W
 "$PYTHON" -m data_prep synthetic --out "$DATA/raw"
 "$PYTHON" -m data_prep cifar10 --source "$DATA/raw/cifar-10-python.tar.gz" --no-verify --out "$DATA/cifar10" --workers 2
 "$PYTHON" -m data_prep flickr8k --images "$DATA/raw/Flickr8k_Dataset.zip" --captions "$DATA/raw/Flickr8k_text.zip" \
-  --out "$DATA/flickr8k" --workers 2
+  --out "$DATA/flickr8k" --workers 2 --image-size 64
 
-stage "2/6 train CLIP: CIFAR-10 classification, then Flickr8k contrastive (torchrun, 2 processes, ZeRO-2, CPU)"
+stage "2/6 train CLIP: CIFAR-10 classification, then Flickr8k contrastive (torchrun, 2 processes, ZeRO-2 then ZeRO-0, CPU)"
 CONFIG=configs/demo-cifar10.yaml NPROC=2 launch/torchrun.sh \
   "data.manifest=$DATA/cifar10/manifest.json" "run.dir=$RUNS/demo-cifar10" "run.seed=$SEED" "model.tiny.seed=$SEED"
 CONFIG=configs/demo-flickr8k.yaml NPROC=2 launch/torchrun.sh \
