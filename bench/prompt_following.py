@@ -10,7 +10,8 @@ its colour is their median, its position their centroid, each the nearest of the
 (data_prep/synthetic.py); its shape the one of the four, drawn as the synthetic set draws it and
 fitted to the object's extent, that overlaps the object best. The same check on the same prompts drawn
 by the random-init tiny preset is the chance baseline, and the judge is calibrated on 400 true renders
-of the synthetic scenes at the sampler's resolution (how often it is right where the picture is).
+of the synthetic scenes at the sampler's resolution (how often it is right where the picture is), and
+on the same renders passed through the model's VAE and back (the ceiling of what its U-Net can draw).
 Targets (issue 19): background, colour and position each right in ≥ 90 % of the pictures, shape in
 ≥ 80 %. Writes bench/results/prompt_following-<cpu>.json.
 """
@@ -196,6 +197,20 @@ def renders(side: int, n: int, seed: int = 7) -> tuple[list[Image.Image], list[t
     return pictures, items
 
 
+def round_trip(model: str, pictures: list[Image.Image]) -> list[Image.Image]:
+    """The pictures encoded and decoded by the model's own VAE (the latents' mean): what its U-Net
+    could at best draw, so a shape the VAE loses is told apart from one the U-Net never learnt."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(Path(model) / "vae").eval()
+    x = torch.from_numpy(np.stack([np.asarray(p, np.float32) for p in pictures]) / 127.5 - 1)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x.permute(0, 3, 1, 2)).latent_dist.mode()).sample
+    pixels = ((y.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
+    return [Image.fromarray(p) for p in pixels]
+
+
 def accuracy(pictures: list[Image.Image], items: list[tuple[str, dict[str, str]]]) -> dict[str, float]:
     hits = {a: 0 for a in ATTRIBUTES}
     for picture, (_, want) in zip(pictures, items):
@@ -240,14 +255,20 @@ def main() -> None:
         trained, shapes = accuracy(pictures, items), confusion(pictures, items)
         chance = accuracy(draw(str(work / "random-tiny"), items, work / "random", ["preset=tiny"]), items)
     side = pictures[0].width
-    truth = accuracy(*renders(side, 400))
+    true_renders, scenes = renders(side, 400)
+    truth = accuracy(true_renders, scenes)
+    vae = accuracy(round_trip(args.model, true_renders), scenes)
     targets = [Target(f"{a} right (trained)", trained[a], BOUNDS[a]) for a in ATTRIBUTES]
     text = "\n".join(
         [
             f"{args.prompts} prompts in new combinations and phrasings, drawn by {args.model}, judged by pixels",
-            f"  {'':12s} {'trained':>8s} {'random':>8s} {'judge on true renders':>22s}",
-            *[f"  {a:12s} {trained[a]:8.1%} {chance[a]:8.1%} {truth[a]:22.1%}" for a in ATTRIBUTES],
-            f"  (the judge on 400 true renders of the synthetic scenes at {side} px: how far its verdicts can be trusted)",
+            f"  {'':12s} {'trained':>8s} {'random':>8s} {'judge on true renders':>22s} {'VAE round trip':>15s}",
+            *[
+                f"  {a:12s} {trained[a]:8.1%} {chance[a]:8.1%} {truth[a]:22.1%} {vae[a]:15.1%}"
+                for a in ATTRIBUTES
+            ],
+            f"  (the judge on 400 true renders of the synthetic scenes at {side} px: how far its verdicts can be trusted;",
+            "   the same renders through the model's VAE and back: the most its U-Net can draw)",
             "  shape asked → judged (trained): "
             + " | ".join(
                 f"{want}: " + ", ".join(f"{got} {n}" for got, n in row.items() if n)
@@ -258,7 +279,13 @@ def main() -> None:
     )
     print(text)
     name = f"prompt_following-{slug(machine()['cpu'])}"
-    results = {"trained": trained, "random": chance, "judge_on_renders": truth, "trained_shapes": shapes}
+    results = {
+        "trained": trained,
+        "random": chance,
+        "judge_on_renders": truth,
+        "vae_round_trip": vae,
+        "trained_shapes": shapes,
+    }
     print(f"wrote {write_results(name, results, targets, text, args.out)}")
 
 

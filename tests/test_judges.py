@@ -5,10 +5,12 @@ read from true renders of the synthetic scenes at the sampler's resolution."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 from PIL import Image
 
 from bench import caption_following, prompt_following
+from core.presets import TinyConfig, TinyDiffusionConfig, build_diffusion
 from data_prep.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, Scene
 
 
@@ -40,3 +42,11 @@ def test_the_pixel_judge_tells_each_shape_apart_and_finds_nothing_in_an_empty_pi
         assert row[shape] >= 0.9 * sum(row.values()) > 0, (shape, row)
     empty = prompt_following.judge(Image.new("RGB", (32, 32), BACKGROUNDS["grey"]))
     assert empty == {"background": "grey", "colour": None, "position": None, "shape": None}
+
+
+def test_the_vae_round_trip_gives_back_pictures_of_the_same_size(tmp_path: Path) -> None:
+    build_diffusion(tmp_path / "tiny", "tiny", TinyDiffusionConfig(), TinyConfig())
+    pictures, _ = prompt_following.renders(32, 3)
+    back = prompt_following.round_trip(str(tmp_path / "tiny"), pictures)
+    assert [(p.size, p.mode) for p in back] == [((32, 32), "RGB")] * 3
+    assert back[0].tobytes() != pictures[0].tobytes()  # through a (random) VAE, not handed back
