@@ -43,7 +43,9 @@ def trained(
     """The tiny VAE (1 epoch), then the U-Net in its latent space under ZeRO-2 and ZeRO-3 (EMA on)."""
     root = tmp_path_factory.mktemp("diffusion")
     manifest = small_data["flickr8k"]
-    torchrun(2, diffusion_args("configs/demo-vae.yaml", manifest, root / "vae", "train.epochs=1"))
+    # 16 steps of the 128 samples, whatever batch the demo's recipe takes
+    vae_args = ("train.epochs=1", "train.batch_size=4")
+    torchrun(2, diffusion_args("configs/demo-vae.yaml", manifest, root / "vae", *vae_args))
     runs = {"vae": root / "vae"}
     for stage in (2, 3):
         extra = [
