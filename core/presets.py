@@ -272,7 +272,8 @@ class TinyDiffusionConfig:
     layers_per_block: int = 1
     """ResNet layers in each U-Net block."""
     attention_head_dim: int = 8
-    """Channels per attention head of the U-Net."""
+    """Attention heads of each U-Net block that attends: diffusers' `attention_head_dim`, which
+    UNet2DConditionModel reads as the number of heads (8: heads of 4 channels at width 32, 8 at 64)."""
     seed: int = 0
     """Seed of the random initialisation."""
 
@@ -343,6 +344,7 @@ def tiny_unet(cfg: TinyDiffusionConfig, cross_attention_dim: int) -> Any:
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attend),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attend)),
         cross_attention_dim=cross_attention_dim,
+        # read as the number of heads (diffusers' unet_2d_condition.py, after huggingface/diffusers#2011)
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=_groups(cfg.unet_channels),
     )

@@ -153,6 +153,21 @@ def test_a_preset_never_replaces_a_folder_it_did_not_build(tmp_path: Path) -> No
     assert (tmp_path / "fresh" / "unet").is_dir()
 
 
+def test_the_tiny_unets_attention_head_dim_is_its_number_of_heads() -> None:
+    """diffusers reads UNet2DConditionModel's `attention_head_dim` as the number of heads; the preset's
+    field documents that, and this holds diffusers to it (a change there would change the demo's U-Net)."""
+    from diffusers.models.attention_processor import Attention
+
+    from core.presets import TinyDiffusionConfig, tiny_unet
+
+    cfg = TinyDiffusionConfig(
+        unet_channels=[16, 32, 64], cross_attention=[False, True, True], attention_head_dim=8
+    )
+    attentions = [m for m in tiny_unet(cfg, 32).modules() if isinstance(m, Attention)]
+    assert attentions and {m.heads for m in attentions} == {8}
+    assert {m.inner_dim // m.heads for m in attentions} == {4, 8}  # widths 32 and 64
+
+
 def test_exit_now_runs_atexit_handlers_flushes_and_keeps_the_code(tmp_path: Path) -> None:
     """The entry points end with plumbing.process.exit_now: what was written and registered still
     happens (a log file, stdout without a newline, an atexit handler), and the exit code is kept."""
