@@ -357,7 +357,7 @@ def _flickr8k(cfg: PrepConfig) -> Prepared:
         rejected.append(rejection(name, "no image", f"captioned in {captions.where} but no such image"))
     usable = sorted(set(images.refs) & set(captions.by_image))
     if not split_lists:
-        log.info("no Flickr_8k.*Images.txt found: using the hash split (75/12.5/12.5 %, see README)")
+        log.info("no Flickr_8k.*Images.txt found: using the hash split (75/12.5/12.5 %, see docs/DATA.md)")
         split_lists, split_source = hash_split(usable), "hash of the image name"
     plans: dict[str, SplitPlan] = {}
     assigned: set[str] = set()
@@ -414,7 +414,7 @@ def _csv(cfg: PrepConfig) -> Prepared:
         Path(c.source), c.image_key, c.caption_key, c.delimiter, c.split_key, resize_of(cfg), root
     )
     if not c.split_key:
-        log.info("no --split-key: using the hash split (75/12.5/12.5 % train/dev/test, see README)")
+        log.info("no --split-key: using the hash split (75/12.5/12.5 % train/dev/test, see docs/DATA.md)")
     return Prepared(
         table.splits, table.sources, {"split_source": table.split_source, "rejected": table.rejected}
     )

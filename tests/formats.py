@@ -324,8 +324,8 @@ def write_img2dataset(root: Path, shards: int = 2, per_shard: int = 5) -> dict[s
 
 
 def write_readme_examples(work: Path) -> None:
-    """The files the README's "Your own data" commands name, in `work` (tests/test_docs.py runs every
-    `python -m data_prep` line of the README there): coco/, train.tsv with its pictures,
+    """The files the "Your own data" commands of the README and docs/DATA.md name, in `work`
+    (tests/test_docs.py runs every `python -m data_prep` line they show there): coco/, train.tsv with its pictures,
     my-imagefolder/, laion/ (img2dataset shards)."""
     CocoFixture().write_folders(work / "coco")
     pictures = work / "pictures"

@@ -369,7 +369,7 @@ def test_flickr8k_without_split_lists_uses_the_hash_split(
         capsys,
     )
     assert code == 0
-    assert "(75/12.5/12.5 %, see README)" in err  # one percent sign, not "%%"
+    assert "(75/12.5/12.5 %, see docs/DATA.md)" in err  # one percent sign, not "%%"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["split_source"] == "hash of the image name"
     assert sum(s["num_samples"] for s in manifest["splits"].values()) == 39  # all but the corrupt one

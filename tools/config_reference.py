@@ -20,6 +20,9 @@ JOBS = [
 ]
 HEADER = """# Config reference
 
+What you can do here: look up any key of the four jobs' configs (data_prep, trainer, sampler,
+retrieval): its type, its default and what it means.
+
 Generated from the typed configs by `make docs` (tools/config_reference.py); do not edit by hand.
 Every key can be set in the YAML file (`--config`) or on the command line as `key.sub=value`.
 """
