@@ -169,8 +169,8 @@ def one_rank() -> Iterator[None]:
 
 @pytest.mark.parametrize(
     ("stage", "precision", "on_device"),
-    [(0, "fp32", True), (2, "fp32", True), (0, "bf16", False)],
-    ids=["zero0-fp32-device", "zero2-fp32-device", "zero0-bf16-host"],
+    [(0, "fp32", True), (2, "fp32", True), (2, "bf16", True), (0, "bf16", False)],
+    ids=["zero0-fp32-device", "zero2-fp32-device", "zero2-bf16-device", "zero0-bf16-host"],
 )
 def test_a_nonfinite_micro_batch_never_reaches_the_parameters(
     tmp_path: Path, stage: int, precision: str, on_device: bool, one_rank: None
@@ -178,8 +178,9 @@ def test_a_nonfinite_micro_batch_never_reaches_the_parameters(
     """The trainer's own micro-step with a loss that is NaN once (NaN gradients too): the parameters and
     Adam's moments stay as they were, the step is reported non-finite, and the next finite batch trains.
     Where torch's fused AdamW is stepped by DeepSpeed the update is skipped on the device (the step
-    counts, as DeepSpeed counts an overflow step); under bf16 ZeRO-0 (DeepSpeed's BF16_Optimizer) the
-    micro-batch is dropped before backward, DeepSpeed's step counter untouched."""
+    counts, as DeepSpeed counts an overflow step; under bf16 ZeRO-2 with DeepSpeed's own overflow check
+    off); under bf16 ZeRO-0 (DeepSpeed's BF16_Optimizer) the micro-batch is dropped before backward,
+    DeepSpeed's step counter untouched."""
     from core.presets import TinyConfig, build_clip
     from plumbing.config import load_config
     from trainer.config import TrainConfig
