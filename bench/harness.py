@@ -1,5 +1,5 @@
 """The trainer's own loop over in-memory batches, for benchmarks that time a step as the loop runs it
-(micro-step with its cross-rank agreement, monitor, counters; no loader, checkpoints or evaluation)."""
+(micro-step with its guard, monitor, counters; no loader, checkpoints or evaluation)."""
 
 from __future__ import annotations
 

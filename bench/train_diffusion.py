@@ -1,14 +1,17 @@
 """Benchmark: the harness's U-Net training step against a bare PyTorch loop doing the same work.
 
-    python -m bench.train_diffusion [--steps 20] [--repeat 3] [--batch 32] [--out FILE]
+    python -m bench.train_diffusion [--steps 20] [--repeat 3] [--batch 32] [--model DIR [--preset P]]
+                                    [--set diffusion.gradient_checkpointing=true ...] [--out FILE]
 
 Both train the same U-Net (the tiny preset, or `--model` for any diffusers folder, e.g. a random-init
-`sd-v1` preset on a GPU), with the same frozen VAE and text encoder, batch, precision (fp32 on CPU,
-bf16 on CUDA) and in-memory batches, 1 rank. The bare loop is diffusers' examples/text_to_image inner
-loop: VAE latents, noise, timesteps, add_noise, text states, U-Net, MSE, backward, clip, AdamW, LR
-schedule. The harness is `trainer.loop.Loop` with the denoising task under ZeRO-2 (its micro-step,
-cross-rank agreement, monitor and counters; no checkpoints or evaluation). Target: ≥ 0.95 of the bare
-loop's samples/s. Also printed: the share of the bare step spent in the VAE encode.
+`sd-v1` preset on a GPU, built there first with `--preset sd-v1`), with the same frozen VAE and text
+encoder, batch, precision (fp32 on CPU, bf16 on CUDA), settings (`--set`: the task's config keys, e.g.
+configs/flickr8k-unet.yaml's gradient checkpointing and EMA, which the bare loop then does too) and
+in-memory batches, 1 rank. The bare loop is diffusers' examples/text_to_image inner loop: VAE latents,
+noise, timesteps, add_noise, text states, U-Net, MSE, backward, clip, AdamW, LR schedule (and the EMA
+update). The harness is `trainer.loop.Loop` with the denoising task under ZeRO-2 (its micro-step,
+guard, monitor and counters; no checkpoints or evaluation). Target: ≥ 0.95 of the bare loop's
+samples/s. Also printed: the share of the bare step spent in the VAE encode.
 Writes bench/results/train_diffusion-<device>.json.
 """
 
@@ -24,7 +27,7 @@ import torch
 
 from bench.common import Target, machine, slug, write_results
 from bench.harness import QUIET, TrainerLoop
-from core.presets import TinyConfig, TinyDiffusionConfig, build_diffusion
+from core.presets import TinyConfig, TinyDiffusionConfig, build_diffusion, is_built
 from plumbing.config import load_config
 from plumbing.dist import DistInfo, init_process_group
 from plumbing.logs import setup_logging
@@ -32,6 +35,7 @@ from trainer.config import TrainConfig
 from trainer.engine import adamw, lr_lambda, param_groups
 from trainer.run import RunFolder
 from trainer.tasks.diffusion.data import to_unit_range
+from trainer.tasks.diffusion.ema import Ema
 from trainer.tasks.diffusion.objective import denoising_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +53,8 @@ class BareLoop:
         self.opt = adamw(param_groups(self.unet, o.weight_decay), o)  # the trainer's own optimizer
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(o.warmup_steps, 10**6, 0.0))
         self.clip, self.vae_seconds = o.grad_clip, 0.0
+        decay = cfg.diffusion.ema_decay
+        self.ema = Ema(self.unet, decay, 0) if decay else None  # the task's own EMA, as it updates it
 
     def epoch(self, data: list[dict[str, Any]]) -> None:
         for i, batch in enumerate(data):
@@ -68,10 +74,12 @@ class BareLoop:
 
             loss = denoising_loss(self.task.noise, latents, predict, g, self.task.prediction)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.clip)
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.clip, foreach=True)
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update()
 
 
 def batches(task: Any, n: int, batch: int) -> list[dict[str, Any]]:
@@ -100,6 +108,8 @@ def main() -> None:
     parser.add_argument(
         "--model", default="", help="a diffusers folder (default: the tiny preset, built here)"
     )
+    parser.add_argument("--preset", default="", help="build this preset into --model first, unless it is")
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides for both loops (key=value)")
     parser.add_argument(
         "--out", default="", help="results file (default bench/results/train_diffusion-<device>.json)"
     )
@@ -111,8 +121,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = Path(args.model) if args.model else root / "tiny"
-        if not args.model:
-            build_diffusion(model, "tiny", TinyDiffusionConfig(), TinyConfig())
+        preset = args.preset or ("" if args.model else "tiny")
+        if preset and not is_built(model, preset, TinyDiffusionConfig(), TinyConfig()):
+            build_diffusion(model, preset, TinyDiffusionConfig(), TinyConfig())
         overrides = [
             f"run.dir={root}/run",
             "data.manifest=none",
@@ -122,6 +133,7 @@ def main() -> None:
             "deepspeed.zero_stage=2",
             "optim.lr=1e-4",
             *QUIET,
+            *args.set,
         ]
         cfg = load_config(TrainConfig, None, overrides)
         harness = TrainerLoop(cfg, RunFolder(root / "run"), "harness", args.batch, device)

@@ -9,18 +9,22 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
+
+from core.crop import Crop
+from core.jpeg import pack
 
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """CLIP preprocessing with the model's own processor values, done in PIL as CLIPImageProcessor does
-    it: the short side resized (bicubic) to `size`, then a centre crop; for training optionally a
-    random resized crop (torchvision's recipe) and horizontal flips, drawn from the sample's own
-    generator. Gives uint8 CHW: whole batches are normalised at once, where the model runs (per image
-    it cost more than the resize)."""
+    """CLIP preprocessing with the model's own processor values, as CLIPImageProcessor does it: the
+    short side resized (bicubic) to `size`, then a centre crop; for training optionally a random
+    resized crop (torchvision's recipe) and horizontal flips, drawn from the sample's own generator.
+    Planned as a `Crop` (the centre crop's box is the part of the source the resized image's crop
+    came from, so one resize of the box gives its pixels), applied in PIL (a reduced JPEG decode where
+    the output is smaller), giving uint8 CHW: whole batches are normalised at once, where the model
+    runs (per image it cost more than the resize)."""
 
     size: int
     crop: tuple[int, int]  # height, width
@@ -38,19 +42,20 @@ class ImageTransform:
         return cls(size, crop, random_crop, scale_min, hflip)
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        return self.plan(image.size, rng).apply(image)
+
+    def plan(self, size: tuple[int, int], rng: random.Random) -> Crop:
+        """The crop of an image of `size`, drawn from `rng` (the box first, then the flip)."""
         ch, cw = self.crop
         if self.random_crop:
-            image = image.resize((cw, ch), Image.Resampling.BICUBIC, box=self._random_box(image.size, rng))
-        else:
-            w, h = image.size
+            left, top, right, bottom = self._random_box(size, rng)
+        else:  # the short side resized to `size`, then the centre cut: where in the source that lies
+            w, h = size
             scale = self.size / min(w, h)
-            w, h = max(cw, round(w * scale)), max(ch, round(h * scale))
-            image = image.resize((w, h), Image.Resampling.BICUBIC)
-            left, top = round((w - cw) / 2), round((h - ch) / 2)
-            image = image.crop((left, top, left + cw, top + ch))
-        if self.hflip and rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+            rw, rh = max(cw, round(w * scale)), max(ch, round(h * scale))
+            x, y = round((rw - cw) / 2), round((rh - ch) / 2)
+            left, top, right, bottom = x * w / rw, y * h / rh, (x + cw) * w / rw, (y + ch) * h / rh
+        return Crop((left, top, right, bottom), (cw, ch), self.hflip and rng.random() < 0.5)
 
     def _random_box(self, size: tuple[int, int], rng: random.Random) -> tuple[int, int, int, int]:
         """torchvision's RandomResizedCrop box: area fraction in [scale_min, 1], aspect in [3/4, 4/3]."""
@@ -81,10 +86,12 @@ class Collate:
         self.tokenizer, self.max_length, self.with_text, self.trim = tokenizer, max_length, with_text, trim
         self.mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.size = (processor.crop_size["width"], processor.crop_size["height"])
+        self.on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # uint8: see normalise
+            **pack(samples, self.size),  # uint8 (see normalise), or JPEGs for the device (core.jpeg)
             "keys": [s["key"] for s in samples],
             "skipped": sum(s.get("skipped", 0) for s in samples),
             "valid": torch.tensor([s.get("valid", True) and not s.get("substitute", False) for s in samples]),
@@ -101,9 +108,15 @@ class Collate:
 
     def normalise(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """uint8 NCHW → `dtype`, with the processor's mean and std, on the pixels' device (in float32,
-        then cast: the model's input rounds once)."""
-        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        then cast: the model's input rounds once). The mean and std are copied there once: a copy from
+        pageable host memory waits for the GPU's queue to drain, every step."""
+        if pixels.device not in self.on_device:
+            self.on_device[pixels.device] = (self.mean.to(pixels.device), self.std.to(pixels.device))
+        mean, std = self.on_device[pixels.device]
         return pixels.float().sub_(mean).div_(std).to(dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "on_device": {}}  # loader workers get the collate, never device copies
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(

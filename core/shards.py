@@ -128,13 +128,15 @@ def rgb_or_none(source: bytes | str | Path) -> Image.Image | None:
 
 
 def decode(sample: dict[str, Any]) -> dict[str, Any]:
-    """A raw sample → key, RGB image, and label / meta / text when present. Raises on a bad sample."""
+    """A raw sample → key, image, its encoded bytes, and label / meta / text when present. Raises on a
+    bad sample. The image is opened, not yet decoded (its header read, its pixels not): the consumer
+    may ask for a reduced size first (Pillow's Image.draft: a JPEG decoded at 1/2, 1/4 or 1/8 scale
+    by libjpeg's DCT scaling) and decodes it with `rgb`; undecodable pixels raise there."""
     data = image_bytes(sample)
     if data is None:
         raise ValueError("no image member")
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-    out: dict[str, Any] = {"key": sample["__key__"], "image": image}
+    image = Image.open(io.BytesIO(data))
+    out: dict[str, Any] = {"key": sample["__key__"], "image": image, "encoded": data}
     if "cls" in sample:
         out["label"] = int(sample["cls"])
     if "json" in sample:
@@ -142,3 +144,9 @@ def decode(sample: dict[str, Any]) -> dict[str, Any]:
     if "txt" in sample:
         out["text"] = sample["txt"].decode("utf-8")
     return out
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """The image decoded, in RGB (an RGB image as it is: `convert` would copy every pixel)."""
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")

@@ -290,6 +290,18 @@ def all_min(values: list[float] | Tensor) -> list[float]:
     return _reduce(values, "MIN")
 
 
+def all_max_(t: Tensor) -> Tensor:
+    """Element-wise max over ranks, in place, left where it is: nothing is read on the host, so on a GPU
+    the collective queues behind the work before it and the host goes on (trainer/guard.py)."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return t
+    local = t if str(t.device) == _COMM.device else t.to(_COMM.device)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    return t if local is t else t.copy_(local)
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     """Rank `src`'s `obj` on every rank (picklable objects only; small ones: a verdict, a path)."""
     import torch.distributed as dist

@@ -185,3 +185,115 @@ def test_exit_now_runs_atexit_handlers_flushes_and_keeps_the_code(tmp_path: Path
     assert done.returncode == 3, done.stderr
     assert done.stdout == "stdout and the handler ran"
     assert "logged" in log_file.read_text()
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def photo(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
+    """A photo-like JPEG (smooth shading, edges and some grain: what DCT scaling is made for)."""
+    import io
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    channels = [0.5 + 0.35 * np.sin(6 * x + 4 * y + c) * np.cos(5 * y - 2 * x * c) for c in range(3)]
+    pixels = (
+        np.stack(channels, axis=-1) + (x[..., None] > 0.6) * 0.2 + rng.normal(0, 0.02, (height, width, 3))
+    )
+    image = Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8)).convert(mode)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+TRANSFORMS = {
+    "eval": ImageTransform(224, (224, 224)),
+    "train": ImageTransform(224, (224, 224), random_crop=True, scale_min=0.8, hflip=True),
+}
+
+
+def opened(data: bytes) -> Image.Image:
+    """What the loader's decode gives: the JPEG opened, not decoded (a transform may draft it)."""
+    from core.shards import decode
+
+    return decode({"__key__": "k", "jpg": data})["image"]
+
+
+def test_one_resize_of_the_centre_box_gives_the_resized_images_centre_crop() -> None:
+    """CLIPImageProcessor's way (the short side resized, then the centre cut) in one resize of the
+    part of the source the crop comes from: the same pixels, at a fraction of the resize work."""
+    import numpy as np
+
+    source = Image.open(__import__("io").BytesIO(photo(640, 480))).convert("RGB")
+    w, h = source.size
+    scale = 224 / min(w, h)
+    rw, rh = round(w * scale), round(h * scale)
+    left, top = round((rw - 224) / 2), round((rh - 224) / 2)
+    resized = source.resize((rw, rh), Image.Resampling.BICUBIC).crop((left, top, left + 224, top + 224))
+    once = TRANSFORMS["eval"](source, random.Random(0)).permute(1, 2, 0).numpy()
+    assert np.abs(once.astype(int) - np.asarray(resized, dtype=int)).max() <= 1
+
+
+@pytest.mark.parametrize("side", ["eval", "train"])
+@pytest.mark.parametrize("size", [(640, 480), (256, 256), (1024, 683)])
+def test_a_reduced_jpeg_decode_gives_the_full_decodes_pixels_within_a_level_or_two(
+    side: str, size: tuple[int, int]
+) -> None:
+    """The loader decodes a JPEG at the smallest DCT scale that keeps the crop's resolution (COCO's
+    640×480 at 320×240 for CLIP's 224; a 256 px picture whole): the pixels are those of the full
+    decode within a level or two (libjpeg's DCT scaling downsamples a little differently from a
+    bicubic resize), for the centre and the random crops."""
+    import numpy as np
+
+    transform = TRANSFORMS[side]
+    for seed in range(3):
+        data = photo(*size, seed=seed)
+        full = transform(opened(data).convert("RGB"), random.Random(seed)).numpy().astype(int)
+        reduced = transform(opened(data), random.Random(seed)).numpy().astype(int)
+        diff = np.abs(full - reduced)
+        assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4, (seed, diff.mean())
+    drafted = opened(photo(*size))
+    drafted.draft(None, transform.plan(size, random.Random(0)).reduced(size))
+    assert drafted.size == ((320, 240) if size == (640, 480) else (512, 342) if size[0] == 1024 else size)
+
+
+def test_jpegs_decoded_on_the_device_give_the_workers_pixels_within_tolerance() -> None:
+    """data.decode=gpu: the workers pass JPEG bytes and planned crops, the training process decodes
+    the batch (here torchvision on the CPU, nvJPEG on a GPU) and crops there. Pixels as the workers'
+    PIL path within rounding; a grey JPEG comes out RGB; a PNG is decoded by its worker; a JPEG that
+    does not decode takes the first good picture and caption and is counted."""
+    import io
+
+    import numpy as np
+
+    from core import jpeg
+
+    png = io.BytesIO()
+    Image.open(io.BytesIO(photo(300, 200, seed=4))).save(png, "PNG")
+    broken = bytearray(photo(320, 240, seed=5))
+    broken[400:2400] = bytes(2000)  # scan data wiped: the header parses, the end marker stays
+    files = [photo(640, 480, 1), photo(256, 256, 2), photo(500, 375, 3, "L"), png.getvalue(), bytes(broken)]
+    for side, transform in TRANSFORMS.items():
+        samples, expected = [], []
+        for i, data in enumerate(files):
+            image, rng = opened(data), random.Random(i)
+            if jpeg.deferrable(image, data):
+                samples.append({"jpeg": (data, transform.plan(image.size, rng))})
+            else:
+                samples.append({"pixel_values": transform(image, rng)})
+            expected.append(transform(opened(data).convert("RGB"), random.Random(i)) if i < 4 else None)
+        assert ["jpeg" in s for s in samples] == [True, True, True, False, True]
+        batch = {
+            **jpeg.pack(samples, (224, 224)),
+            "keys": [str(i) for i in range(5)],
+            "skipped": 0,
+            "input_ids": torch.arange(5)[:, None].repeat(1, 4),
+        }
+        pixels = jpeg.pixels(batch, "cpu")
+        for i in range(4):
+            diff = (pixels[i].int() - expected[i].int()).abs().float()
+            assert diff.mean() < 0.5 and np.percentile(diff.numpy(), 99) <= 2, (side, i, diff.mean())
+        assert torch.equal(pixels[4], pixels[0]) and torch.equal(batch["input_ids"][4], batch["input_ids"][0])
+        assert batch["skipped"] == 1

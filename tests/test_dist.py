@@ -55,10 +55,11 @@ def two_ranks_on(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         lambda: pd.all_sum([1.0, 2.0]),
         lambda: pd.all_max([1.0]),
         lambda: pd.all_min(torch.ones(2)),  # a CPU tensor is moved to the communication device
+        lambda: pd.all_max_(torch.ones(2)),  # in place, but through the communication device
         lambda: pd.gather_rows(torch.ones(2, 3)),
         lambda: pd.gather_with_grad(torch.ones(2, 3, device="meta", requires_grad=True)),
     ],
-    ids=["all_sum", "all_max", "all_min", "gather_rows", "gather_with_grad"],
+    ids=["all_sum", "all_max", "all_min", "all_max_", "gather_rows", "gather_with_grad"],
 )
 def test_each_helper_sends_its_tensor_from_the_communication_device(
     two_ranks_on: list[object], helper
@@ -81,6 +82,7 @@ def test_barrier_names_the_gpu_under_nccl(
 def test_alone_the_helpers_do_nothing_but_return() -> None:
     assert pd.all_sum([1.0, 2.0]) == [1.0, 2.0]
     x = torch.ones(2, 3)
+    assert pd.all_max_(x) is x
     assert pd.gather_rows(x) is x and pd.gather_with_grad(x) is x
     assert pd.broadcast_object("verdict") == "verdict" and pd.gather_objects(3) == [3]
     pd.barrier()

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -156,21 +156,50 @@ def test_sigterm_checkpoints_and_exits_within_the_grace_period(
     assert logged_steps(run_dir) == list(range(1, 31))
 
 
-def test_a_nonfinite_micro_batch_is_dropped_before_deepspeed_sees_it(tmp_path: Path) -> None:
-    """The trainer's own micro-step with a loss that is NaN once: parameters and DeepSpeed's step
-    counter stay as they were, the next finite batch trains."""
+@pytest.fixture(scope="module")
+def one_rank() -> Iterator[None]:
+    """A one-rank process group for the in-process engines below (DeepSpeed keeps its groups: one
+    group for all of them, destroyed after the last)."""
+    from plumbing.dist import DistInfo, destroy_process_group, init_process_group
+
+    init_process_group(DistInfo.from_env({}))
+    yield
+    destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("stage", "precision", "on_device"),
+    [(0, "fp32", True), (2, "fp32", True), (2, "bf16", True), (0, "bf16", False)],
+    ids=["zero0-fp32-device", "zero2-fp32-device", "zero2-bf16-device", "zero0-bf16-host"],
+)
+def test_a_nonfinite_micro_batch_never_reaches_the_parameters(
+    tmp_path: Path, stage: int, precision: str, on_device: bool, one_rank: None
+) -> None:
+    """The trainer's own micro-step with a loss that is NaN once (NaN gradients too): the parameters and
+    Adam's moments stay as they were, the step is reported non-finite, and the next finite batch trains.
+    Where torch's fused AdamW is stepped by DeepSpeed the update is skipped on the device (the step
+    counts, as DeepSpeed counts an overflow step; under bf16 ZeRO-2 with DeepSpeed's own overflow check
+    off); under bf16 ZeRO-0 (DeepSpeed's BF16_Optimizer) the micro-batch is dropped before backward,
+    DeepSpeed's step counter untouched."""
     from core.presets import TinyConfig, build_clip
     from plumbing.config import load_config
-    from plumbing.dist import DistInfo, init_process_group
     from trainer.config import TrainConfig
-    from trainer.engine import BatchSizes, build_engine, teardown
+    from trainer.engine import BatchSizes, build_engine, device_skippable, teardown
+    from trainer.guard import StepGuard
     from trainer.loop import Loop, StopSignals
     from trainer.tasks.clip.model import build_finetuner
 
     build_clip(tmp_path / "clip", "tiny", TinyConfig())
-    init_process_group(DistInfo.from_env({}))
     cfg = load_config(
-        TrainConfig, None, ["train.objective=contrastive", "data.manifest=x", f"run.dir={tmp_path}"]
+        TrainConfig,
+        None,
+        [
+            "train.objective=contrastive",
+            "data.manifest=x",
+            f"run.dir={tmp_path}",
+            f"deepspeed.zero_stage={stage}",
+            f"deepspeed.precision={precision}",
+        ],
     )
     engine = build_engine(
         build_finetuner(cfg.model, str(tmp_path / "clip")),
@@ -180,20 +209,20 @@ def test_a_nonfinite_micro_batch_is_dropped_before_deepspeed_sees_it(tmp_path: P
         100,
         "cpu",
     )
-    losses = iter([torch.tensor(float("nan")), None])
+    scales = iter([float("nan"), 1.0])
 
     class PlantedTask:
-        """A task whose first loss is NaN, then the model's own."""
+        """A task whose first loss is NaN (through the graph: its gradients are NaN), then the model's."""
 
         def loss(self, engine: object, batch: dict, draw: int) -> tuple[torch.Tensor, dict]:
-            planted = next(losses)
             image, text, scale = engine(
-                pixel_values=batch["pixel_values"],
+                pixel_values=batch["pixel_values"].to(
+                    torch.bfloat16 if precision == "bf16" else torch.float32
+                ),
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
             )
-            real = (image * text).sum() * scale.sum()
-            return (real if planted is None else planted), {}
+            return (image.float() * text.float()).sum() * scale.float().sum() * next(scales), {}
 
         def after_step(self, engine: object) -> None:
             pass
@@ -204,9 +233,12 @@ def test_a_nonfinite_micro_batch_is_dropped_before_deepspeed_sees_it(tmp_path: P
         signals, rank, cfg = StopSignals(), 0, config
         state = type("State", (), {"step": 0, "micro_in_epoch": 0, "epoch": 0})()
         task = PlantedTask()
+        guard = StepGuard(device_skippable(engine))
+        warn_nonfinite = Loop.warn_nonfinite
 
     probe = Probe()
     probe.engine = engine
+    assert probe.guard.skips_on_device is on_device
     step = Loop.micro_step.__get__(probe)
     batch = {
         "pixel_values": torch.randn(4, 3, 32, 32),
@@ -215,13 +247,15 @@ def test_a_nonfinite_micro_batch_is_dropped_before_deepspeed_sees_it(tmp_path: P
     }
     before = [p.detach().clone() for p in engine.module.parameters()]
     first = step(batch)
-    assert not first.finite and engine.global_steps == 0
+    assert not first.finite and first.boundary is on_device and engine.global_steps == int(on_device)
     assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+    optimizer = device_skippable(engine)
+    if optimizer is not None:  # Adam's moments and step count as before the NaN step
+        assert all(not s["exp_avg"].any() and int(s["step"]) == 0 for s in optimizer.state.values())
     second = step(batch)
-    assert second.finite and second.boundary and engine.global_steps == 1
+    assert second.finite and second.boundary and engine.global_steps == 1 + int(on_device)
     assert not all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
     teardown(engine)
-    torch.distributed.destroy_process_group()
 
 
 def test_divergence_stops_with_a_message_and_a_finite_checkpoint(

@@ -178,6 +178,52 @@ def test_contrastive_flickr8k_run(small_data: dict[str, Path], tmp_path: Path) -
     assert r10[max(r10)] > r10[0]
 
 
+def test_decoding_on_the_device_trains_as_decoding_in_the_workers(
+    small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """data.decode=gpu (here the training process's own CPU decodes, with torchvision): the same
+    samples, crops and flips, pixels within rounding, so the same loss curve within a hair; the
+    diffusion tasks, which have no device path, refuse it in one line before anything heavy."""
+    losses = {}
+    for decode in ("cpu", "gpu"):
+        run_dir = tmp_path / decode
+        args = trainer_args(
+            small_data["flickr8k"],
+            run_dir,
+            "train.epochs=1",
+            "train.batch_size=8",
+            "data.random_crop=true",
+            "data.hflip=true",
+            f"data.decode={decode}",
+            "eval.every_epochs=1",
+            config="configs/demo-flickr8k.yaml",
+        )
+        run([PY, "-m", "trainer", *args])
+        losses[decode] = scalars(run_dir / "tensorboard", "train/loss")
+        assert scalars(run_dir / "tensorboard", "eval/i2t_R@10")
+    assert losses["cpu"].keys() == losses["gpu"].keys() and len(losses["cpu"]) >= 10
+    assert max(abs(losses["cpu"][s] - losses["gpu"][s]) for s in losses["cpu"]) < 0.02
+    refused = run(
+        [
+            PY,
+            "-m",
+            "trainer",
+            "--check",
+            *trainer_args(
+                small_data["flickr8k"],
+                tmp_path / "unet",
+                "data.decode=gpu",
+                config="configs/demo-diffusion.yaml",
+            ),
+        ],
+        check=False,
+    )
+    assert (
+        refused.returncode == 2
+        and "data.decode=gpu: only the CLIP tasks" in refused.stderr.strip().splitlines()[-1]
+    )
+
+
 def _corrupt_one_image(manifest: Path, out: Path) -> str:
     """A copy of the dataset where one sample's PNG is garbage (the manifest updated to match, as if
     data_prep had shipped it): the trainer must skip and count it."""

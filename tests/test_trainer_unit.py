@@ -190,36 +190,47 @@ def test_missing_required_values_are_named() -> None:
 
 def test_the_step_agreement_is_built_on_the_device_of_the_loss(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under NCCL a collective takes tensors on the GPU only: the [non-finite, stop] flags must sit on
-    the loss's device (a CPU-built flag beside a CUDA loss fails before backward). The meta device
-    stands in for CUDA here."""
-    from types import SimpleNamespace
-
-    import trainer.loop as loop
+    the loss's device (a CPU-built flag beside a CUDA loss fails before backward), and the window the
+    optimizer skips on is there too. The meta device stands in for CUDA here."""
+    import trainer.guard as guard
 
     seen: list[torch.device] = []
 
-    def all_max(values: torch.Tensor) -> list[float]:
-        seen.append(values.device)
-        return [0.0, 0.0]
+    class Sent(Exception):
+        pass
 
-    monkeypatch.setattr(loop, "all_max", all_max)
-    loss = torch.zeros((), device="meta")
-    engine = SimpleNamespace(
-        is_gradient_accumulation_boundary=lambda: True,
-        get_lr=lambda: [1e-3],
-        backward=lambda _loss: None,
-        step=lambda: None,
-    )
-    fake = SimpleNamespace(
-        state=SimpleNamespace(epoch=0, micro_in_epoch=0, step=0),
-        cfg=SimpleNamespace(run=SimpleNamespace(seed=0)),
-        rank=0,
-        task=SimpleNamespace(loss=lambda _engine, _batch, _draw: (loss, {}), after_step=lambda _engine: None),
-        signals=SimpleNamespace(requested=False),
-        engine=engine,
-    )
-    result = loop.Loop.micro_step(fake, {})  # type: ignore[arg-type]
-    assert seen == [torch.device("meta")] and result.finite and result.boundary
+    def all_max_(values: torch.Tensor) -> torch.Tensor:
+        seen.append(values.device)
+        raise Sent  # meta tensors cannot be read back: the collective's argument is what is checked
+
+    monkeypatch.setattr(guard, "all_max_", all_max_)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    with pytest.raises(Sent):
+        guard.StepGuard(optimizer).agree(torch.zeros((), device="meta"), stop_requested=True)
+    assert seen == [torch.device("meta")] and optimizer.found_inf.device == torch.device("meta")
+
+
+def test_a_nonfinite_loss_skips_the_update_on_the_device_and_the_next_one_applies() -> None:
+    """The guard with torch's fused AdamW alone (as DeepSpeed steps it): a NaN loss makes NaN gradients,
+    yet the parameters, Adam's moments and its step count stay; the host learns of it from the agreed
+    flags; after the window is cleared the next step trains."""
+    from trainer.guard import StepGuard
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    keeper = StepGuard(optimizer)
+    for scale, finite in ((float("nan"), False), (1.0, True)):
+        loss = (weight * scale).sum()
+        keeper.agree(loss, stop_requested=False)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        keeper.stepped()
+        assert keeper.verdict().finite is finite
+        if not finite:
+            assert torch.equal(weight.detach(), torch.ones(3))
+            assert int(optimizer.state[weight]["step"]) == 0 and not optimizer.state[weight]["exp_avg"].any()
+    assert int(optimizer.state[weight]["step"]) == 1 and torch.all(weight < 1)
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_complete_ones(

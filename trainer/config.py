@@ -52,7 +52,7 @@ class LoopConfig:
     class_templates: list[str] = field(default_factory=lambda: ["An image of a {label}."])
     """Classification: prompts per class ({label} is the class name), averaged per class."""
     max_nonfinite: int = 5
-    """A non-finite loss skips the micro-batch; this many in a row stop the run."""
+    """A non-finite loss skips its optimizer update (on the device) or its micro-batch (trainer/guard.py); this many non-finite micro-batches in a row stop the run."""
 
     def __post_init__(self) -> None:
         named = [f'"{o}"' for o in OBJECTIVES]

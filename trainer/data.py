@@ -78,6 +78,8 @@ class DataConfig:
     """Which caption of a multi-caption sample (Flickr8k: 5) trains: "draw" (one per epoch, drawn from the sample's seed: all of them get used) or "first" (always the first, as open_clip reads `txt`). Evaluation uses the first."""
     verify: str = "sha256"
     """Check shards: "sha256" (sizes before training; each shard's sha256 as the loader reads it through), "size", or "none"."""
+    decode: str = "cpu"
+    """Where JPEGs are decoded: "cpu" (in the loader workers, at the smallest JPEG scale that keeps the crop's resolution) or "gpu" (the workers plan each crop from the header and pass the bytes; the training process decodes the batch with nvJPEG and crops on the GPU; CLIP tasks only; without a GPU it decodes on its own CPU)."""
 
     def __post_init__(self) -> None:
         require(self.workers >= 0, self, "workers", "an int >= 0")
@@ -86,6 +88,7 @@ class DataConfig:
         require(0 <= self.max_bad_fraction < 1, self, "max_bad_fraction", "a fraction in [0, 1)")
         require(self.captions in ("draw", "first"), self, "captions", '"draw" or "first"')
         require(self.verify in ("sha256", "size", "none"), self, "verify", '"sha256", "size" or "none"')
+        require(self.decode in ("cpu", "gpu"), self, "decode", '"cpu" or "gpu"')
 
 
 @dataclass(frozen=True)
@@ -217,22 +220,24 @@ def read_positions(shards: list[Shard], positions: Sequence[int]) -> Iterator[di
         offset += count
 
 
-def decode_or_substitute(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """A sample that fails to decode is counted (`skipped`) and replaced by the next good one, so the
-    slot still yields its planned count and every rank runs the same number of steps."""
+def decode_or_substitute(
+    stream: Iterator[dict[str, Any]], prep: Callable[[dict[str, Any]], dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """Each sample decoded and prepared by the task (`prep`: the image is decoded there, at the size
+    the task needs, core.shards.decode). A sample that fails is counted (`skipped`) and replaced by
+    the next good one, so the slot still yields its planned count and every rank runs the same number
+    of steps."""
     pending = 0
     for raw in stream:
         try:
-            sample = decode(raw)
+            sample = prep(decode(raw))
         except Exception as err:  # any decoder failure: PIL, json, int
             log.warning(
                 "skipping undecodable sample %s in %s (%s)", raw.get("__key__"), raw.get("__url__"), err
             )
             pending += 1
             continue
-        copies = [
-            {**sample, "skipped": 0, "substitute": True} for _ in range(pending)
-        ]  # before later stages edit it
+        copies = [{**sample, "skipped": 0, "substitute": True} for _ in range(pending)]
         sample["skipped"] = pending
         yield sample
         yield from copies
@@ -315,8 +320,9 @@ class TrainEpoch(IterableDataset):
             source,  # this slot's samples as raw bytes (webdataset's tar reader)
             partial(shuffle, bufsize=self.shuffle_buffer, rng=rng),  # seeded: replays exactly on resume
             partial(skip, count=done * lay.batch),  # trained before a resume: dropped before decoding, cheap
-            decode_or_substitute,  # an undecodable sample is counted and replaced, never fatal here
-            partial(map, prep),  # the task's preprocessing; one of an image's captions, drawn per epoch
+            # decoded as the task's preprocessing needs it (one of an image's captions, drawn per epoch);
+            # an undecodable sample is counted and replaced, never fatal here
+            partial(decode_or_substitute, prep=prep),
             partial(batched, size=lay.batch, count=lay.batches_per_slot - done, collate=self.collate),
         )
         return iter(pipeline)
@@ -354,10 +360,9 @@ class EvalData(IterableDataset):
         slot = self.rank * self.workers + (info.id if info is not None else 0)
         start = min(self.total, slot * self.per_slot)
         stop = min(self.total, start + self.per_slot)
-        samples = decode_or_substitute(read_ranges(cut(self.shards, start, stop)))
-        samples = (
-            prepare(s, self.prep, 0, 0, train=False) | {"index": start + i} for i, s in enumerate(samples)
-        )
+        prep = partial(prepare, prep=self.prep, seed=0, epoch=0, train=False)
+        samples = decode_or_substitute(read_ranges(cut(self.shards, start, stop)), prep)
+        samples = (s | {"index": start + i} for i, s in enumerate(samples))
         padded = _pad(samples, self.per_slot)
         for _ in range(-(-self.per_slot // self.batch)):
             chunk = list(itertools.islice(padded, self.batch))

@@ -159,7 +159,16 @@ def ds_config(
         "zero_allow_untested_optimizer": True,  # the client torch AdamW under ZeRO
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronises the device at every forward
+        # and every step (deepspeed/utils/timer.py, ThroughputTimer.start/stop with `synchronized`;
+        # engine.forward starts it when DeepSpeed has no dataloader of its own): we time steps ourselves.
+        "timers": {"throughput": {"enabled": False}},
     }
+    if ds.precision == "bf16" and ds.zero_stage in (1, 2) and not ds.offload_optimizer:
+        # Its bf16 overflow check reads a flag on the host every step after a kernel per gradient
+        # (stage_1_and_2.py, has_overflow); the loop's guard skips a non-finite step on the device
+        # instead (trainer/guard.py), as it does in fp32, where DeepSpeed checks nothing.
+        config["bf16"]["check_grad_overflow"] = False
     if universal:  # the checkpoint to resume is in DeepSpeed's universal format (to_universal)
         config["checkpoint"] = {"load_universal": True}
     if (
@@ -176,7 +185,33 @@ def ds_config(
         }
     for key, value in ds.overrides.items():
         log.info("deepspeed.overrides: %s = %r", key, value)
-    return _deep_merge(config, ds.overrides)
+    merged = _deep_merge(config, ds.overrides)
+    if clips_in_optimizer(merged, ds):
+        merged["gradient_clipping"] = 0.0  # done by clip_before_step, on the optimizer
+    return merged
+
+
+def clips_in_optimizer(config: dict[str, Any], ds: DeepSpeedConfig) -> bool:
+    """fp32 ZeRO-0 with our optimizer: the gradients are clipped by torch's clip_grad_norm_ (foreach,
+    the clip coefficient computed on the device) in the optimizer's step pre-hook, not by DeepSpeed's
+    runtime/utils.py clip_grad_norm_, which reads the norm on the host and loops over every tensor in
+    Python (11 ms of a 37 ms CPU step of ViT-B/32's 403 tensors, bench/train_overhead.py). At that
+    point DeepSpeed has already averaged the gradients over ranks (in backward), as before its clip."""
+    zero, fp32 = config["zero_optimization"], not (config["bf16"]["enabled"] or config["fp16"]["enabled"])
+    chosen = "gradient_clipping" in ds.overrides or "optimizer" in config
+    return zero.get("stage") == 0 and fp32 and not chosen
+
+
+def clip_before_step(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip the global gradient norm of the optimizer's parameters before each of its steps, and leave
+    the norm where DeepSpeed looks for it after the step (engine._take_model_step copies the
+    optimizer's `_global_grad_norm` into the engine's)."""
+
+    def clip(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        opt._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # type: ignore[attr-defined]
+
+    optimizer.register_step_pre_hook(clip)
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -269,6 +304,8 @@ def build_engine(
     optimizer = None
     if "optimizer" not in config:
         optimizer = adamw(groups, optim)
+        if clips_in_optimizer(config, ds) and optim.grad_clip > 0:
+            clip_before_step(optimizer, optim.grad_clip)
     schedule = lr_lambda(optim.warmup_steps, total_steps, optim.min_lr_ratio)
     engine, _, _, _ = _deepspeed().initialize(
         model=model,
@@ -287,6 +324,23 @@ def build_engine(
             f"DeepSpeed batch {engine.train_batch_size()} differs from the planned {sizes.global_batch}"
         )
     return engine
+
+
+def device_skippable(engine: Engine) -> torch.optim.Optimizer | None:
+    """The optimizer whose update the loop can skip on the device (trainer/guard.py), or None where it
+    cannot: torch's fused AdamW (ours) takes `found_inf` as GradScaler gives it (optim/adam.py,
+    _fused_adamw: the update and the step count are undone where it is nonzero), and DeepSpeed calls its
+    `step()` directly under fp32 ZeRO-0 (engine._take_model_step) and ZeRO 1–3 (their _optimizer_step).
+    Not under bf16 ZeRO-0, whose BF16_Optimizer asserts on the global norm (a host read, and an error on
+    NaN), fp16 (its loss scaler reads overflow on the host itself) or ZeRO-Offload (DeepSpeed's CPU Adam)."""
+    outer = getattr(engine, "optimizer", None)
+    inner = getattr(outer, "optimizer", outer)
+    fused = isinstance(inner, torch.optim.AdamW) and all(g.get("fused") for g in inner.param_groups)
+    wrapper = type(outer).__name__
+    if not fused or wrapper in ("BF16_Optimizer", "FP16_Optimizer", "FP16_UnfusedOptimizer"):
+        return None
+    fp16 = getattr(engine, "fp16_enabled", lambda: False)()
+    return None if fp16 else inner
 
 
 def save_checkpoint(engine: Engine, root: Path, tag: str, client_state: dict[str, Any]) -> None:

@@ -21,14 +21,15 @@ from typing import Any
 import torch
 
 from plumbing.config import to_dict
-from plumbing.dist import all_max, all_min, all_sum
+from plumbing.dist import all_min, all_sum
 from plumbing.errors import UserError
 from plumbing.seeds import derive_seed
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import TrainConfig
 from trainer.data import TrainData
-from trainer.engine import Engine, group_names, trainable_shapes
+from trainer.engine import Engine, device_skippable, group_names, trainable_shapes
 from trainer.evaluate import Evaluator
+from trainer.guard import StepGuard
 from trainer.monitor import Monitor, StepStats, Stopwatch
 from trainer.plan import Plan
 from trainer.tasks.base import Batch, Task
@@ -53,7 +54,7 @@ class Parts:
 class MicroStep:
     loss: torch.Tensor  # detached
     finite: bool
-    boundary: bool  # an optimizer step was taken
+    boundary: bool  # an optimizer step was taken (or, skipped on the device, counted as one)
     stop: bool  # some rank received a stop signal
     scalars: dict[str, torch.Tensor]
 
@@ -70,6 +71,7 @@ class Loop:
         done = self.ckpt.complete()
         self.last_checkpoint: Path | None = done[-1] if done else None
         self.signals = StopSignals()
+        self.guard = StepGuard(device_skippable(self.engine))
         self.bad_in_row = 0
         self.step_lr = math.nan
         self.unsynced = [0.0, 0.0]  # samples read, undecodable samples: summed over ranks at log steps
@@ -111,7 +113,7 @@ class Loop:
                     self.bad_in_row = 0
                     losses.append(micro.loss)
                     self.keys.write(s.epoch, batch["keys"])
-                if not (micro.finite and micro.boundary):
+                if not micro.boundary:
                     continue
                 s.step += 1
                 s.samples_seen += self.plan.global_batch
@@ -120,7 +122,7 @@ class Loop:
                 self.monitor.step(
                     StepStats(
                         step=s.step,
-                        loss=torch.stack(losses).mean(),
+                        loss=torch.stack(losses).mean() if losses else None,
                         samples=self.plan.global_batch,
                         step_time=watch.lap() + data_time,
                         data_time=data_time,
@@ -150,32 +152,40 @@ class Loop:
         return None
 
     def micro_step(self, batch: Batch) -> MicroStep:
-        """Forward, then agree across ranks whether the loss is finite and whether a stop signal came
-        (one small all-reduce, read once). A non-finite micro-batch is dropped before backward:
-        DeepSpeed never sees it, and the next micro-batch takes its place in the accumulation window."""
+        """Forward; the ranks agree whether the loss is finite and whether a stop signal came
+        (trainer/guard.py). Where the optimizer can skip on the device, backward and step are queued
+        before the host reads that agreement, and a non-finite loss on any rank makes its window's
+        update a no-op on the device (the step still counts, as DeepSpeed counts an overflow step in
+        global_steps). Elsewhere the agreement is read first and a non-finite micro-batch is dropped
+        before DeepSpeed sees it; the next micro-batch takes its place in the accumulation window."""
         s = self.state
         draw = derive_seed(self.cfg.run.seed, "step", s.epoch, s.micro_in_epoch, self.rank)
         loss, scalars = self.task.loss(self.engine, batch, draw)
-        requested = torch.tensor(self.signals.requested, device=loss.device)  # beside the loss: one device
-        flags = torch.stack([torch.isfinite(loss.detach()).logical_not(), requested])
-        nonfinite, stop = (v > 0 for v in all_max(flags.float()))
-        if nonfinite:
-            log.warning(
-                "non-finite loss at step %d (micro-batch %d of epoch %d): skipped",
-                s.step,
-                s.micro_in_epoch,
-                s.epoch,
-            )
-            return MicroStep(loss.detach(), False, False, stop, scalars)
+        self.guard.agree(loss, self.signals.requested)
+        if not self.guard.skips_on_device and not (verdict := self.guard.verdict()).finite:
+            self.warn_nonfinite("dropped")
+            return MicroStep(loss.detach(), False, False, verdict.stop, scalars)
         boundary = self.engine.is_gradient_accumulation_boundary()
-        self.step_lr = float(
-            self.engine.get_lr()[0]
-        )  # the rate this update uses (the scheduler steps after it)
+        self.step_lr = float(self.engine.get_lr()[0])  # this update's rate (the scheduler steps after it)
         self.engine.backward(loss)
         self.engine.step()
         if boundary:
+            self.guard.stepped()
             self.task.after_step(self.engine)
-        return MicroStep(loss.detach(), True, boundary, stop, scalars)
+        verdict = self.guard.verdict()
+        if not verdict.finite:
+            self.warn_nonfinite("its optimizer step skipped")
+        return MicroStep(loss.detach(), verdict.finite, boundary, verdict.stop, scalars)
+
+    def warn_nonfinite(self, what: str) -> None:
+        s = self.state
+        log.warning(
+            "non-finite loss at step %d (micro-batch %d of epoch %d): %s",
+            s.step,
+            s.micro_in_epoch,
+            s.epoch,
+            what,
+        )
 
     def sync_counters(self) -> None:
         """Sum the undecodable-sample counts over ranks; too many stops the run."""

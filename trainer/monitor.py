@@ -40,7 +40,7 @@ class StepStats:
     """One optimizer step, as the loop saw it."""
 
     step: int
-    loss: Scalar  # the mean of the step's micro-batch losses (detached)
+    loss: Scalar | None  # the mean of the step's finite micro-batch losses (detached); None: none was
     samples: int  # over all ranks
     step_time: float
     data_time: float  # of step_time, spent waiting for the loader
@@ -57,6 +57,7 @@ class Window:
 
     steps: int = 0
     loss: Scalar = 0.0
+    losses: int = 0  # steps with a finite loss
     step_time: float = 0.0
     data_time: float = 0.0
     samples: int = 0
@@ -89,7 +90,9 @@ class Monitor:
     def step(self, stats: StepStats) -> None:
         w = self.window
         w.steps += 1
-        w.loss = w.loss + stats.loss  # on the device until the log step
+        if stats.loss is not None:
+            w.loss = w.loss + stats.loss  # on the device until the log step
+            w.losses += 1
         w.step_time += stats.step_time
         w.data_time += stats.data_time
         w.samples += stats.samples
@@ -98,11 +101,13 @@ class Monitor:
         self.bar.update(1)
         if stats.step % self.log_every:
             return
+        read = on_host([w.loss, *w.grad_norm, *stats.scalars.values()])
+        loss, norms, scalars = read[0], read[1 : 1 + len(w.grad_norm)], read[1 + len(w.grad_norm) :]
         rate = w.samples / max(w.step_time, 1e-9)
         values = {
-            "train/loss": float(w.loss) / w.steps,
+            "train/loss": loss / w.losses if w.losses else math.nan,
             "train/lr": stats.lr,
-            **{tag: float(v) for tag, v in stats.scalars.items()},
+            **dict(zip(stats.scalars, scalars, strict=True)),
             "perf/samples_per_s": rate,
             "perf/step_time_s": w.step_time / w.steps,
             "perf/data_wait_fraction": w.data_time / max(w.step_time, 1e-9),
@@ -110,8 +115,8 @@ class Monitor:
             "data/skipped_samples": stats.skipped,
             "data/nonfinite_steps": stats.nonfinite,
         }
-        if w.grad_norm:
-            values["train/grad_norm"] = sum(float(g) for g in w.grad_norm) / len(w.grad_norm)
+        if norms:
+            values["train/grad_norm"] = sum(norms) / len(norms)
         self.scalars(stats.step, values)
         self.bar.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{rate:.0f}", refresh=False)
         if self.enabled:
@@ -158,6 +163,15 @@ class Monitor:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def on_host(values: list[Scalar]) -> list[float]:
+    """Floats of scalars, those on a device read in one copy: one synchronisation per log step."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(torch.stack([t.detach().float().reshape(()).to(tensors[0].device) for t in tensors]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 class Stopwatch:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from core import jpeg
 from core.clip import CLIPFineTuner, load_processors, text_length
 from core.manifest import Manifest
 from core.preprocess import Collate, ImageTransform
@@ -36,14 +37,25 @@ log = logging.getLogger("trainer.clip")
 
 class ClipPrep:
     """A decoded sample → uint8 pixels (CLIP's transform; the train one may crop and flip at random,
-    drawn from the sample's seed) and one of its captions."""
+    drawn from the sample's seed) and one of its captions. With `on_device` (data.decode=gpu) a JPEG
+    the device can decode keeps its bytes and its planned crop instead (core.jpeg)."""
 
-    def __init__(self, train: ImageTransform, evaluation: ImageTransform, captions: str = "draw") -> None:
-        self.train, self.evaluation, self.captions = train, evaluation, captions
+    def __init__(
+        self,
+        train: ImageTransform,
+        evaluation: ImageTransform,
+        captions: str = "draw",
+        on_device: bool = False,
+    ) -> None:
+        self.train, self.evaluation, self.captions, self.on_device = train, evaluation, captions, on_device
 
     def __call__(self, sample: dict[str, Any], draw: int, train: bool) -> dict[str, Any]:
         transform = self.train if train else self.evaluation
-        sample["pixel_values"] = transform(sample.pop("image"), random.Random(draw))
+        image, data, rng = sample.pop("image"), sample.pop("encoded", b""), random.Random(draw)
+        if self.on_device and jpeg.deferrable(image, data):
+            sample["jpeg"] = (data, transform.plan(image.size, rng))
+        else:
+            sample["pixel_values"] = transform(image, rng)
         return pick_caption(sample, draw, train, self.captions)
 
 
@@ -63,6 +75,7 @@ class ClipTask:
             ImageTransform.of(self.processor, d.random_crop, d.crop_scale_min, d.hflip),
             ImageTransform.of(self.processor),
             d.captions,
+            d.decode == "gpu",
         )
         self.dtype = torch.float32
 
@@ -72,22 +85,22 @@ class ClipTask:
         return model
 
     def encode(
-        self, engine: Engine, batch: Batch
+        self, engine: Engine, batch: Batch, text: Batch | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """The engine's embeddings (float32) of whatever the batch holds."""
+        """The engine's embeddings (float32) of whatever the batch holds: its pictures (decoded on the
+        device with data.decode=gpu, core.jpeg) and its captions, or the captions `text` holds."""
         self.dtype = next(engine.module.parameters()).dtype
-        pixels = batch.get("pixel_values")
-        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
-        image, text, scale = engine(
-            pixel_values=None
-            if pixels is None
-            else self.collate.normalise(pixels.to(self.device, non_blocking=True), self.dtype),
+        pixels = None if "pixel_values" not in batch else jpeg.pixels(batch, self.device)
+        tokens = batch if text is None else text
+        ids, mask = tokens.get("input_ids"), tokens.get("attention_mask")
+        image, text_embeddings, scale = engine(
+            pixel_values=None if pixels is None else self.collate.normalise(pixels, self.dtype),
             input_ids=None if ids is None else ids.to(self.device, non_blocking=True),
             attention_mask=None if mask is None else mask.to(self.device, non_blocking=True),
         )
         return (
             None if image is None else image.float(),
-            None if text is None else text.float(),
+            None if text_embeddings is None else text_embeddings.float(),
             scale.float(),
         )
 
@@ -95,7 +108,8 @@ class ClipTask:
         pass
 
     def shown(self, batch: Batch) -> torch.Tensor:
-        return batch["pixel_values"][:16].float() / 255  # uint8, as the loader gives them
+        pixels = jpeg.pixels({**batch, "skipped": 0}, self.device)  # the loss counts replacements
+        return pixels[:16].float().cpu() / 255  # uint8, as the model gets them
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {}
@@ -142,7 +156,7 @@ class ClipContrastive(ClipTask):
         """Recall@k both ways over the whole eval split, each image and caption counted once."""
         images, texts, owners, valids, indices = [], [], [], [], []
         for batch in batches:
-            image, _, _ = self.encode(engine, {"pixel_values": batch["pixel_values"]})
+            image, _, _ = self.encode(engine, batch, text={})
             captions = batch["captions"]
             per = max(len(c) for c in captions)
             flat = [c[i] if i < len(c) else c[0] for c in captions for i in range(per)]
@@ -190,9 +204,7 @@ class ClipClassification(ClipTask):
         return dict(self.collate.tokenize(texts))
 
     def loss(self, engine: Engine, batch: Batch, draw: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        image, class_text, scale = self.encode(
-            engine, {"pixel_values": batch["pixel_values"], **self.prompts}
-        )
+        image, class_text, scale = self.encode(engine, batch, text=self.prompts)
         assert image is not None and class_text is not None
         logits = classification_logits(image, class_text, scale, self.templates)
         loss = F.cross_entropy(logits, batch["labels"].to(self.device))
@@ -204,7 +216,7 @@ class ClipClassification(ClipTask):
         assert class_text is not None
         correct, count = {1: 0, 5: 0}, 0
         for batch in batches:
-            image, _, _ = self.encode(engine, {"pixel_values": batch["pixel_values"]})
+            image, _, _ = self.encode(engine, batch, text={})
             assert image is not None
             valid = batch["valid"].to(self.device)
             logits = classification_logits(image, class_text, scale, self.templates)[valid]

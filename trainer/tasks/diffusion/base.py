@@ -18,7 +18,7 @@ from trainer.config import TrainConfig
 from trainer.engine import Engine
 from trainer.run import RunFolder
 from trainer.tasks.base import Batch
-from trainer.tasks.diffusion.data import check_captions
+from trainer.tasks.diffusion.data import check_captions, check_decode
 from trainer.tasks.diffusion.parts import check_parts, load, part_config, sources
 
 log = logging.getLogger("trainer.diffusion")
@@ -89,6 +89,7 @@ class DiffusionTask:
     @classmethod
     def check(cls, cfg: TrainConfig, manifest: Manifest) -> None:
         check_captions(manifest, cfg.data.train_split)
+        check_decode(cfg.data.decode)
         check_parts(cfg.diffusion, sources(cfg.diffusion, Path(cfg.run.dir) / "base-model"), cls.objective)
         if cfg.diffusion.eval_clip and cls.objective == "denoising":
             try:

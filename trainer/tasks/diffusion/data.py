@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from core.manifest import Manifest
-from core.shards import captions_of, read_split
+from core.shards import captions_of, read_split, rgb
 from plumbing.errors import UserError
 from trainer.data import pick_caption
 from trainer.tasks.base import Batch
@@ -34,6 +34,7 @@ class DiffusionPrep:
 
 def square(image: Image.Image, side: int) -> torch.Tensor:
     """The short side resized to `side` (bicubic, antialiased), then the centre square, as uint8 CHW."""
+    image = rgb(image)  # decoded here (core.shards.decode opens it lazily)
     w, h = image.size
     scale = side / min(w, h)
     w, h = max(side, round(w * scale)), max(side, round(h * scale))
@@ -73,6 +74,12 @@ class DiffusionCollate:
 def to_unit_range(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 pixels → [-1, 1] in `dtype`, on their device (Stable Diffusion's VAE input)."""
     return pixels.float().div_(127.5).sub_(1).to(dtype)
+
+
+def check_decode(decode: str) -> None:
+    """The diffusion tasks decode in the loader workers (their square crops have no device path)."""
+    if decode != "cpu":
+        raise UserError(f"data.decode={decode}: only the CLIP tasks decode on the GPU; use data.decode=cpu")
 
 
 def check_captions(manifest: Manifest, split: str) -> None:

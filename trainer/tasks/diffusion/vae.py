@@ -19,7 +19,7 @@ from trainer.engine import Engine
 from trainer.run import RunFolder
 from trainer.tasks.base import Batch, Evaluation
 from trainer.tasks.diffusion.base import DiffusionTask
-from trainer.tasks.diffusion.data import DiffusionCollate, DiffusionPrep, square, to_unit_range
+from trainer.tasks.diffusion.data import DiffusionCollate, DiffusionPrep, check_decode, square, to_unit_range
 from trainer.tasks.diffusion.modules import VaeModule
 from trainer.tasks.diffusion.objective import reconstruction_loss
 from trainer.tasks.diffusion.parts import check_parts, sources
@@ -95,6 +95,7 @@ class VaeTask(DiffusionTask):
 
     @classmethod
     def check(cls, cfg: TrainConfig, manifest: Manifest) -> None:
+        check_decode(cfg.data.decode)
         check_parts(cfg.diffusion, sources(cfg.diffusion, Path(cfg.run.dir) / "base-model"), cls.objective)
 
 

@@ -1,0 +1,3 @@
+from bench.gpu.report import main
+
+main()
