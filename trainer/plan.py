@@ -193,8 +193,10 @@ def change_note(saved: Saved, made: Plan, asked: tuple[int, int]) -> str:
 def check(cfg: TrainConfig, world: int, dry_run: bool = False, per_node: int = 0) -> tuple[str, str]:
     """`python -m trainer --check`: the plan, the shards' sizes (the run itself checks their sha256),
     the model folder, and the memory plan of `world` ranks, `per_node` of them on each node (0: all on
-    one). With `dry_run` a manifest that does not exist yet is reported, not an error. Returns what to
-    print and, when the memory plan does not fit (and run.check_memory), its one-line refusal."""
+    one). With `dry_run` a manifest that does not exist yet is reported, not an error, and so is a
+    memory plan that does not fit this machine (the launchers' DRY_RUN may run where the job will not).
+    Returns what to print and, when the memory plan does not fit (and run.check_memory), its one-line
+    refusal."""
     path = Path(cfg.data.manifest)
     manifest = None
     if dry_run and not (path / MANIFEST if path.is_dir() else path).is_file():
@@ -210,4 +212,7 @@ def check(cfg: TrainConfig, world: int, dry_run: bool = False, per_node: int = 0
     verdict = memory_verdict(cfg, world, per_node or world, manifest)
     if verdict is None:
         return f"{head}\nmemory plan: not made ({unplanned(cfg)})", ""
-    return "\n".join([head, *verdict.lines]), verdict.refusal if cfg.run.check_memory else ""
+    refusal = verdict.refusal if cfg.run.check_memory else ""
+    if dry_run and refusal:  # made where the job is submitted, which may not be where it runs
+        return "\n".join([head, *verdict.lines, f"would refuse here: {refusal}"]), ""
+    return "\n".join([head, *verdict.lines]), refusal

@@ -5,7 +5,8 @@ Parameters: the module's weights and buffers (under ZeRO-3 this rank's partition
 what is gathered at the moment). Gradients: `.grad`, and DeepSpeed's tensors whose attribute names
 say grad (the ZeRO-2 partitions `averaged_gradients`, ZeRO-3's `grad_partitions_flat_buffer`).
 Optimizer state: the wrapped torch optimizer's state (Adam's moments) and the tensors it steps (the
-fp32 master copies ZeRO 1–3 keep beside the module's weights). DeepSpeed's buffers: every other
+fp32 master copies ZeRO 1–3 keep beside the module's weights, wherever DeepSpeed's attribute names
+say fp32). DeepSpeed's buffers: every other
 tensor reachable from the engine's ZeRO optimizer (the flat weight buffers, gradient buckets).
 A storage's full size counts, whether or not its pages were touched yet.
 """
@@ -58,7 +59,7 @@ def engine_census(engine: Any) -> dict[str, int]:
                     c.add("gradients", p.grad)
     if wrapper is not None and wrapper is not inner:
         for name, tensor in _tensors(wrapper, "", 0, set()):
-            c.add("gradients" if "grad" in name.lower() else "deepspeed", tensor)
+            c.add(_kind(name.lower()), tensor)
     return c.bytes
 
 
@@ -81,3 +82,12 @@ def _tensors(obj: Any, name: str, depth: int, visited: set[int]) -> Iterator[tup
         return
     for path, value in items:
         yield from _tensors(value, path, depth + 1, visited)
+
+
+def _kind(name: str) -> str:
+    """What a DeepSpeed optimizer attribute holds, by its name: gradients, the fp32 master copy
+    (ZeRO-3 keeps it out of the wrapped optimizer's groups between steps: fp32_partitioned_groups_flat),
+    or DeepSpeed's own buffers."""
+    if "grad" in name:
+        return "gradients"
+    return "optimizer" if "fp32" in name else "deepspeed"

@@ -114,7 +114,7 @@ def _refusal(
     where = f"each GPU's {gib(made.capacity)}" if s.cuda else f"this node's {gib(made.capacity)} of RAM"
     need = f"{gib(made.per_rank)} per rank"
     if not s.cuda:
-        need += f", {gib(made.node)} for the node's {s.per_node} ranks"
+        need = f"{gib(made.node)} for the node's {s.per_node} ranks (up to {gib(made.per_rank)} each)"
     elif made.node <= HEADROOM * made.capacity:  # the GPUs would do; the host cannot build the model
         need, where = f"{gib(made.host)} of host RAM to build the model on {s.per_node} ranks", gib(host)
     fix = smallest_fix(cfg, size, s, manifest, capacity, host)
@@ -154,7 +154,7 @@ def smallest_fix(
     for change, make in tries:
         this, setting = make()
         if this is not None and (p := plan(this, setting, capacity, host)).fits:
-            return f"{change} would fit ({gib(p.per_rank)} per rank)"
+            return f"{change} would fit ({gib(p.node)} {'a GPU' if s.cuda else 'for the node'})"
     return ""
 
 
@@ -190,7 +190,7 @@ def report(made: MemoryPlan, size: ModelSize) -> list[str]:
     else:
         workers = s.per_node * s.workers
         lines.append(
-            f"this node: {s.per_node} ranks × {gib(made.per_rank)} + {workers} loader workers × "
+            f"this node: {s.per_node} ranks (rank 0 alone exports) + {workers} loader workers × "
             f"{gib(LOADER_WORKER)} = {gib(made.node)} of {gib(made.capacity)} RAM ({usable}): {verdict}"
         )
     return lines

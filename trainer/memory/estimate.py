@@ -97,6 +97,9 @@ class MemoryPlan:
             "rows": self.rows,
             "phases": self.phases,
             "total": self.per_rank,
+            # what memory.json's peaks should reach: on CPU the resident set (the process included),
+            # on CUDA max_memory_allocated (without the context and the allocator's cache)
+            "expected_peak": self.per_rank - (self.rows["runtime"] if self.setting.cuda else 0),
             "node": self.node,
             "capacity": self.capacity,
             "fits": self.fits,
@@ -141,8 +144,12 @@ def plan(size: ModelSize, s: Setting, capacity: int, host_capacity: int = 0) -> 
     phases = {"train": sum(rows.values())}
     if not s.cuda:
         phases |= {"build": build, "initialize": initialize, "export": export}
-    workers = 0 if s.cuda else s.per_node * s.workers * LOADER_WORKER
-    node = max(phases.values()) * (1 if s.cuda else s.per_node) + workers
+    if s.cuda:
+        node = max(phases.values())
+    else:  # every rank is in the same phase, but rank 0 exports alone while the others wait, their engines freed
+        together = {k: v * s.per_node for k, v in phases.items()}
+        together["export"] = export + (s.per_node - 1) * runtime
+        node = max(together.values()) + s.per_node * s.workers * LOADER_WORKER
     host = s.per_node * (build + RUNTIME_CPU) if s.cuda else 0
     return MemoryPlan(s, rows, phases, node, capacity, host, host_capacity)
 
