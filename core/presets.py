@@ -193,21 +193,27 @@ def text_config(text: dict[str, Any], tokenizer: Any, vocab_size: int = 0) -> An
     )
 
 
-def build_clip(folder: Path, preset: str, tiny: TinyConfig) -> None:
-    """A random-init CLIPModel of `preset`'s shape with its tokenizer and image processor in `folder`
-    (real shapes get CLIP's 49,408-token vocabulary size, so the embedding costs what it really does)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+def clip_config(preset: str, tiny: TinyConfig, tokenizer: Any = None) -> Any:
+    """The CLIPConfig of `preset` (real shapes get CLIP's 49,408-token vocabulary size, so the
+    embedding costs what it really does)."""
+    from transformers import CLIPConfig
 
     shape = clip_shape(preset, tiny)
-    max_length = shape["text"]["max_position_embeddings"]
-    tokenizer = tiny_tokenizer(max_length)
+    tokenizer = tokenizer or tiny_tokenizer(shape["text"]["max_position_embeddings"])
     text = text_config(shape["text"], tokenizer, 0 if preset == "tiny" else 49408)
-    torch.manual_seed(tiny.seed)
-    model = CLIPModel(
-        CLIPConfig(
-            text_config=text.to_dict(), vision_config=shape["vision"], projection_dim=shape["projection_dim"]
-        )
+    return CLIPConfig(
+        text_config=text.to_dict(), vision_config=shape["vision"], projection_dim=shape["projection_dim"]
     )
+
+
+def build_clip(folder: Path, preset: str, tiny: TinyConfig) -> None:
+    """A random-init CLIPModel of `preset`'s shape with its tokenizer and image processor in `folder`."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    shape = clip_shape(preset, tiny)
+    tokenizer = tiny_tokenizer(shape["text"]["max_position_embeddings"])
+    torch.manual_seed(tiny.seed)
+    model = CLIPModel(clip_config(preset, tiny, tokenizer))
     side = shape["vision"]["image_size"]
     processor = CLIPImageProcessor(
         size={"shortest_edge": side},
@@ -395,14 +401,11 @@ def sd_v1_vae() -> Any:
 DIFFUSION_PRESETS = ("tiny", "sd-v1")
 
 
-def build_diffusion(folder: Path, preset: str, cfg: TinyDiffusionConfig, clip: TinyConfig) -> None:
-    """unet/, vae/, scheduler/, text_encoder/, tokenizer/ and model_index.json in `folder`: random
-    weights of the tiny shapes (the text encoder shaped like the tiny CLIP's text tower, so a trainer
-    export of it swaps in) or of Stable Diffusion v1 (U-Net, VAE, ViT-L/14's text tower)."""
-    from diffusers import StableDiffusionPipeline
+def diffusion_parts(preset: str, cfg: TinyDiffusionConfig, clip: TinyConfig) -> tuple[Any, Any, Any, Any]:
+    """(U-Net, VAE, text encoder, tokenizer) of a preset, random weights (made under
+    `torch.device("meta")` they take no memory: the trainer's memory plan counts them so)."""
     from transformers import CLIPTextModel
 
-    torch.manual_seed(cfg.seed)
     if preset == "tiny":
         text_shape = clip.text()
         unet, vae = tiny_unet(cfg, clip.text_width), tiny_vae(cfg)
@@ -411,6 +414,17 @@ def build_diffusion(folder: Path, preset: str, cfg: TinyDiffusionConfig, clip: T
         unet, vae = sd_v1_unet(), sd_v1_vae()
     tokenizer = tiny_tokenizer(text_shape["max_position_embeddings"])
     text = CLIPTextModel(text_config(text_shape, tokenizer, 0 if preset == "tiny" else 49408))
+    return unet, vae, text, tokenizer
+
+
+def build_diffusion(folder: Path, preset: str, cfg: TinyDiffusionConfig, clip: TinyConfig) -> None:
+    """unet/, vae/, scheduler/, text_encoder/, tokenizer/ and model_index.json in `folder`: random
+    weights of the tiny shapes (the text encoder shaped like the tiny CLIP's text tower, so a trainer
+    export of it swaps in) or of Stable Diffusion v1 (U-Net, VAE, ViT-L/14's text tower)."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(cfg.seed)
+    unet, vae, text, tokenizer = diffusion_parts(preset, cfg, clip)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
@@ -423,3 +437,14 @@ def build_diffusion(folder: Path, preset: str, cfg: TinyDiffusionConfig, clip: T
     )
     save = lambda staging: pipe.save_pretrained(staging, safe_serialization=True)  # noqa: E731
     _publish(folder, save, _marker(preset, cfg, clip))
+
+
+# Hub models whose shapes are a preset's (the presets copy their config.json): the memory plan
+# counts them offline, before anything is downloaded.
+HUB_SHAPES = {
+    "openai/clip-vit-base-patch32": "vit-b-32",
+    "openai/clip-vit-large-patch14": "vit-l-14",
+    "CompVis/stable-diffusion-v1-4": "sd-v1",
+    "runwayml/stable-diffusion-v1-5": "sd-v1",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd-v1",
+}

@@ -43,14 +43,15 @@ RENDEZVOUS=$("$PYTHON" -m plumbing.dist 2>/dev/null || echo "unknown")
 echo "job ${SLURM_JOB_ID:-none} on ${SLURM_JOB_NODELIST:-no allocation}: $NODES nodes × $PROCS_PER_NODE processes = world size $WORLD; rendezvous $RENDEZVOUS; SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}"
 if [ -n "${DRY_RUN:-}" ]; then
   # The config and every override, checked exactly as the run checks them (data not there yet is noted).
-  "$PYTHON" -m trainer --check --dry-run --world-size "$WORLD" "${ARGS[@]}" || exit $?
-  echo "would run: $PYTHON -m trainer --check --world-size $WORLD ${ARGS[*]}"
+  "$PYTHON" -m trainer --check --dry-run --world-size "$WORLD" --ranks-per-node "$PROCS_PER_NODE" "${ARGS[@]}" || exit $?
+  echo "would run: $PYTHON -m trainer --check --world-size $WORLD --ranks-per-node $PROCS_PER_NODE ${ARGS[*]}"
   echo "would run: ${SRUN[*]}"
   exit 0
 fi
 
-# Everything a run needs, checked once here: a bad config or shard layout is one line, not N tracebacks.
-"$PYTHON" -m trainer --check --world-size "$WORLD" "${ARGS[@]}" || exit $?
+# Everything a run needs, checked once here: a bad config or shard layout is one line, not N tracebacks;
+# and the memory plan of each rank against this node's (each GPU's) memory, before the job waits.
+"$PYTHON" -m trainer --check --world-size "$WORLD" --ranks-per-node "$PROCS_PER_NODE" "${ARGS[@]}" || exit $?
 
 signalled=""
 forward() {

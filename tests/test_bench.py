@@ -129,6 +129,7 @@ def test_the_gpu_drill_reruns_named_steps_with_what_they_need() -> None:
             ["--steps", "8", "--repeat", "1", "--run-steps", "10"],
             "data-wait fraction",
         ),
+        ("bench.memory", ["--rows", "tiny:0,tiny:3"], "tiny:3: ZeRO-3, fp32, batch 8, 2 ranks"),
     ],
 )
 def test_cpu_benchmarks_print_their_ratios_and_write_their_results(

@@ -201,7 +201,7 @@ def test_sbatch_dry_run_prints_what_would_run() -> None:
     )
     assert "ok: config valid; data not checked" in proc.stdout
     assert (
-        f"would run: {PY} -m trainer --check --world-size 1 --config configs/flickr8k.yaml run.dir=runs/try train.epochs=1"
+        f"would run: {PY} -m trainer --check --world-size 1 --ranks-per-node 1 --config configs/flickr8k.yaml run.dir=runs/try train.epochs=1"
         in proc.stdout
     )
     assert (

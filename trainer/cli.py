@@ -4,8 +4,9 @@
     torchrun --nproc-per-node 2 -m trainer --config configs/flickr8k.yaml deepspeed.zero_stage=3
 
 `--check` loads and validates everything a run needs (config, manifest, shards, the epoch plan)
-without training: launch scripts run it once before starting many processes, and their DRY_RUN
-runs it with `--dry-run` (data that does not exist yet is then reported instead of refused).
+and prints the memory plan per rank (trainer/memory/), without training: launch scripts run it once
+before starting many processes, and their DRY_RUN runs it with `--dry-run` (data that does not exist
+yet is then reported instead of refused). A plan that does not fit is refused in one line.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from plumbing.config import load_config, to_yaml
-from plumbing.errors import run_cli
+from plumbing.errors import UserError, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,6 +28,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate config, data and plan, then exit")
     p.add_argument(
         "--world-size", type=int, default=1, help="with --check: the number of ranks the run will have"
+    )
+    p.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=0,
+        help="with --check: ranks sharing each node's RAM (default: all of --world-size on one node)",
     )
     p.add_argument(
         "--dry-run",
@@ -67,7 +74,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.check:
         from trainer.plan import check
 
-        print(check(cfg, args.world_size, args.dry_run))
+        text, refusal = check(cfg, args.world_size, args.dry_run, args.ranks_per_node)
+        print(text)
+        if refusal:
+            raise UserError(refusal)
         return 0
     from trainer.train import train
 

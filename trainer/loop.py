@@ -203,7 +203,7 @@ class Loop:
 
     def save(self) -> bool:
         """Checkpoint, unless the parameters went non-finite: a checkpoint is always one to go back to."""
-        if not params_finite(self.engine):
+        if not params_finite(self.engine, self.rank):
             log.error(
                 "parameters are not finite at step %d: not checkpointed (newest good: %s)",
                 self.state.step,
@@ -279,12 +279,22 @@ def grad_norm(engine: Engine) -> float | torch.Tensor | None:
     return norm.detach().clone() if isinstance(norm, torch.Tensor) else norm
 
 
-def params_finite(engine: Engine) -> bool:
+def params_finite(engine: Engine, rank: int) -> bool:
     """Whether every rank's parameters (its partition under ZeRO-3) are finite, agreed across ranks."""
     flags = [
-        torch.isfinite(data).all()
-        for p in engine.module.parameters()
-        if (data := getattr(p, "ds_tensor", p.data)).numel()  # ZeRO-3 keeps this rank's partition there
+        torch.isfinite(data).all() for p in engine.module.parameters() if (data := own_part(p, rank)).numel()
     ]
     ok = float(torch.stack(flags).all()) if flags else 1.0  # one read of the device, not one per tensor
     return all_min([ok])[0] > 0
+
+
+def own_part(p: torch.Tensor, rank: int) -> torch.Tensor:
+    """This rank's elements of a parameter: the whole, or under ZeRO-3 its partition (`ds_tensor`)
+    without the padding of the last partitions, which DeepSpeed allocates with torch.empty and never
+    writes (runtime/zero/partition_parameters.py, `_partition_param`): read, it is whatever memory
+    was there, and a NaN in it once failed a ZeRO-3 run's checkpoint as "parameters are not finite"."""
+    part = getattr(p, "ds_tensor", None)
+    if part is None:
+        return p.data
+    size = part.numel()
+    return part.narrow(0, 0, max(0, min(size, int(p.ds_numel) - rank * size)))

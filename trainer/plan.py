@@ -21,6 +21,7 @@ from trainer.checkpoint import Saved, TrainState
 from trainer.config import TrainConfig
 from trainer.data import Layout, Leg, Rest, untrained
 from trainer.engine import BatchSizes
+from trainer.memory.check import memory_verdict, unplanned
 from trainer.tasks import task_class
 
 
@@ -189,16 +190,29 @@ def change_note(saved: Saved, made: Plan, asked: tuple[int, int]) -> str:
     return "; ".join(parts)
 
 
-def check(cfg: TrainConfig, world: int, dry_run: bool = False) -> str:
-    """`python -m trainer --check`: the plan, the shards' sizes (the run itself checks their sha256)
-    and the model folder. With `dry_run` a manifest that does not exist yet is reported, not an error."""
+def check(cfg: TrainConfig, world: int, dry_run: bool = False, per_node: int = 0) -> tuple[str, str]:
+    """`python -m trainer --check`: the plan, the shards' sizes (the run itself checks their sha256),
+    the model folder, and the memory plan of `world` ranks, `per_node` of them on each node (0: all on
+    one). With `dry_run` a manifest that does not exist yet is reported, not an error, and so is a
+    memory plan that does not fit this machine (the launchers' DRY_RUN may run where the job will not).
+    Returns what to print and, when the memory plan does not fit (and run.check_memory), its one-line
+    refusal."""
     path = Path(cfg.data.manifest)
+    manifest = None
     if dry_run and not (path / MANIFEST if path.is_dir() else path).is_file():
-        return f"ok: config valid; data not checked ({path} does not exist yet)"
-    manifest = load_manifest(path)
-    if cfg.data.verify != "none":
-        for split in (cfg.data.train_split, cfg.data.eval_split):
-            verify_shards(manifest, split, checksum=False)
-    if not cfg.model.preset and Path(cfg.model.name).is_absolute() and not Path(cfg.model.name).is_dir():
-        raise UserError(f"model.name={cfg.model.name}: no such folder")
-    return "ok: " + plan(cfg, manifest, world).describe(cfg.data.train_split)
+        head = f"ok: config valid; data not checked ({path} does not exist yet)"
+    else:
+        manifest = load_manifest(path)
+        if cfg.data.verify != "none":
+            for split in (cfg.data.train_split, cfg.data.eval_split):
+                verify_shards(manifest, split, checksum=False)
+        if not cfg.model.preset and Path(cfg.model.name).is_absolute() and not Path(cfg.model.name).is_dir():
+            raise UserError(f"model.name={cfg.model.name}: no such folder")
+        head = "ok: " + plan(cfg, manifest, world).describe(cfg.data.train_split)
+    verdict = memory_verdict(cfg, world, per_node or world, manifest)
+    if verdict is None:
+        return f"{head}\nmemory plan: not made ({unplanned(cfg)})", ""
+    refusal = verdict.refusal if cfg.run.check_memory else ""
+    if dry_run and refusal:  # made where the job is submitted, which may not be where it runs
+        return "\n".join([head, *verdict.lines, f"would refuse here: {refusal}"]), ""
+    return "\n".join([head, *verdict.lines]), refusal

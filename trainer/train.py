@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,8 +27,11 @@ from trainer.config import TrainConfig
 from trainer.data import TrainData
 from trainer.engine import Engine, build_engine, group_names, teardown, trainable_shapes
 from trainer.evaluate import Evaluator
-from trainer.export import export, verify_export
+from trainer.export import export, live_digests, verify_export
 from trainer.loop import Loop, Parts
+from trainer.memory.check import memory_verdict
+from trainer.memory.host import give_back, map_large_blocks
+from trainer.memory.recorder import MemoryRecorder
 from trainer.monitor import Monitor
 from trainer.plan import Plan, plan
 from trainer.run import RunFolder
@@ -40,7 +46,10 @@ def train(cfg: TrainConfig) -> int:
     run = RunFolder(Path(cfg.run.dir))
     setup_logging(info.rank, run.log if info.is_main else None, cfg.run.verbose)
     device = init_process_group(info)
-    engine = monitor = None
+    if device == "cpu" and cfg.run.mmap_threshold_kb:
+        map_large_blocks(cfg.run.mmap_threshold_kb * 1024)
+    memory = MemoryRecorder(device, info)
+    monitor = None
     try:
         where = ranks_by_node(info)
         log.info("%s launch, %d ranks (%s); device %s", info.launcher, info.world_size, where, device)
@@ -49,6 +58,7 @@ def train(cfg: TrainConfig) -> int:
         saved = ckpt.find(cfg.resume)  # 2. the checkpoint to resume, if any (read, not loaded yet)
         # 3. the plan: steps, total, LR horizon; how a resume continues under this run's layout
         the_plan = plan(cfg, manifest, info.world_size, saved)
+        memory_plan = plan_memory(cfg, info, manifest, device)  # and the memory each rank will need
         if info.is_main:
             save_config(cfg, run.config)
         task = make_task(cfg, run, info, device)  # 4. the task: model, preprocessing, loss, export
@@ -63,37 +73,106 @@ def train(cfg: TrainConfig) -> int:
             device,
             the_plan.rest,
         )
-        torch.manual_seed(cfg.run.seed)  # the initialisation of what the task adds (the heads)
-        model = task.build()
-        universal = continuable(ckpt, saved, cfg, model, info.world_size)  # 5. refused, or converted
-        # 6. DeepSpeed: ZeRO partitions the task's model, the optimizer and the LR schedule
-        engine = build_engine(
-            model,
-            cfg.deepspeed,
-            cfg.optim,
-            the_plan.sizes,
-            the_plan.horizon,
-            device,
-            universal is not None,
-        )
-        state = resume(ckpt, engine, task, saved, universal, the_plan)  # 7. resume
-        evaluator = Evaluator(cfg.eval, task, lambda: data.eval_batches(cfg.eval.batch_size))
-        monitor = Monitor(run.root, info.is_main, device, cfg.run.log_every, the_plan.total, state.step)
-        log.info("%s; run folder %s", the_plan.describe(cfg.data.train_split), run.root)
-        if saved is not None and the_plan.note:
-            log.info("resuming %s under another layout: %s", saved.path, the_plan.note)
-        loop = Loop(cfg, the_plan, Parts(task, data, engine, ckpt, evaluator, monitor), state, info.rank)
-        code = loop.run()  # 8. train
+        start = the_plan.state().step
+        monitor = Monitor(run.root, info.is_main, device, cfg.run.log_every, the_plan.total, start)
+        # 5.–8. build, partition, resume, train; everything the engine held is freed when it returns
+        trained = fit(cfg, Session(info, device, run, ckpt, saved, the_plan, task, data, monitor, memory))
         monitor.hparams({**task.hyperparameters(), **hyperparameters(cfg, the_plan.global_batch)})
-        if code == 0:  # 9. export, checked against the live engine
-            publish(engine, task, loop.last_checkpoint, run, cfg.run.verify_export, info.is_main)
+        if trained.code == 0:  # 9. export the last checkpoint, checked against the trained weights
+            publish(trained, task, run, info.is_main, memory)
+        memory.write(run.root, memory_plan, monitor, trained.step)
         barrier()
-        return code
+        return trained.code
     finally:
         if monitor is not None:
             monitor.close()
-        teardown(engine)
         destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Session:
+    """What `train` prepared for `fit`."""
+
+    info: DistInfo
+    device: str
+    run: RunFolder
+    ckpt: Checkpointer
+    saved: Saved | None
+    plan: Plan
+    task: Task
+    data: TrainData
+    monitor: Monitor
+    memory: MemoryRecorder
+
+
+@dataclass(frozen=True)
+class Trained:
+    code: int  # the loop's exit code
+    step: int  # optimizer steps done
+    checkpoint: Path | None  # the last complete checkpoint
+    digests: dict[str, str] | None  # the trained weights' fingerprints (rank 0), what the export must hold
+
+
+def fit(cfg: TrainConfig, s: Session) -> Trained:
+    """5.–8.: the task's model built, partitioned by DeepSpeed, resumed, trained; then the trained
+    weights' fingerprints. The engine is destroyed on the way out and, once `train` drops the last
+    reference, its partitions, gradients and optimizer state are freed: the export that follows
+    builds its own copy of the model without the training state beside it (trainer/memory/)."""
+    memory, engine = s.memory, None
+    try:
+        torch.manual_seed(cfg.run.seed)  # the initialisation of what the task adds (the heads)
+        with memory.phase("build"):
+            model = s.task.build()
+        with memory.phase("convert"):  # 5. refused, or converted
+            universal = continuable(s.ckpt, s.saved, cfg, model, s.info.world_size)
+        # 6. DeepSpeed: ZeRO partitions the task's model, the optimizer and the LR schedule; the whole
+        # model every rank built is freed then: its pages go back to the OS at once (host.give_back)
+        with memory.phase("initialize", trim=True):
+            built = build_engine(
+                model,
+                cfg.deepspeed,
+                cfg.optim,
+                s.plan.sizes,
+                s.plan.horizon,
+                s.device,
+                universal is not None,
+            )
+        engine = memory.watch(built)
+        state = resume(s.ckpt, engine, s.task, s.saved, universal, s.plan)  # 7. resume
+        evaluator = Evaluator(cfg.eval, s.task, lambda: s.data.eval_batches(cfg.eval.batch_size))
+        log.info("%s; run folder %s", s.plan.describe(cfg.data.train_split), s.run.root)
+        if s.saved is not None and s.plan.note:
+            log.info("resuming %s under another layout: %s", s.saved.path, s.plan.note)
+        parts = Parts(s.task, s.data, engine, s.ckpt, evaluator, s.monitor)
+        loop = Loop(cfg, s.plan, parts, state, s.info.rank)
+        code = loop.run()  # 8. train
+        verify = code == 0 and cfg.run.verify_export
+        with memory.phase("verify"):
+            digests = live_digests(engine, s.task, s.info.is_main) if verify else None
+        return Trained(code, loop.state.step, loop.last_checkpoint, digests)
+    finally:
+        memory.forget_engine()
+        s.task.release()
+        teardown(engine)
+
+
+def plan_memory(cfg: TrainConfig, info: DistInfo, manifest: Manifest, device: str) -> dict[str, Any] | None:
+    """Rank 0 makes the memory plan (`--check` prints the same; trainer/memory/check.py) and logs it;
+    every rank gets its verdict: a plan that does not fit stops the run here, in one line, unless
+    run.check_memory=false. Kept for memory.json, beside what the run measures."""
+    made, refusal = None, ""
+    if info.is_main:
+        cuda = device.startswith("cuda")
+        verdict = memory_verdict(cfg, info.world_size, info.local_world_size, manifest, cuda)
+        if verdict is not None:
+            for line in verdict.lines:
+                log.info("%s", line)
+            made = verdict.plan.to_dict()
+            refusal = verdict.refusal if cfg.run.check_memory else ""
+    refusal = broadcast_object(refusal)
+    if refusal:
+        raise UserError(refusal)
+    return made
 
 
 def continuable(
@@ -122,16 +201,20 @@ def resume(
     return the_plan.state()
 
 
-def publish(
-    engine: Engine, task: Task, checkpoint: Path | None, run: RunFolder, verify: bool, main: bool
-) -> None:
-    """Rank 0 exports the last checkpoint; then every rank helps check it against the live engine."""
-    if main:
-        export(checkpoint, run.export, task)
-        log.info("export: %s (tensorboard --logdir %s)", run.export, run.tensorboard)
+def publish(trained: Trained, task: Task, run: RunFolder, main: bool, memory: MemoryRecorder) -> None:
+    """Rank 0 exports the last checkpoint and checks it, tensor by tensor, against the trained
+    weights' fingerprints; the other ranks wait. The engine is gone by now: what it held is collected
+    first, and the freed pages handed back, so the export peaks below the training."""
+    gc.collect()  # the engine's reference cycles (DeepSpeed's hooks on the module)
+    give_back()
+    with memory.phase("export"):
+        if main:
+            export(trained.checkpoint, run.export, task)
+            log.info("export: %s (tensorboard --logdir %s)", run.export, run.tensorboard)
+    if main and trained.digests is not None:
+        with memory.phase("verify"):
+            verify_export(trained.digests, task, run.export)
     barrier()
-    if verify:
-        verify_export(engine, task, run.export, main)
 
 
 def hyperparameters(cfg: TrainConfig, global_batch: int) -> dict[str, object]:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from plumbing.dist import DistInfo
     from trainer.config import TrainConfig
     from trainer.run import RunFolder
-    from trainer.tasks.base import Task
+    from trainer.tasks.base import Skeleton, Task
 
 
 class TaskClass(Protocol):
@@ -27,6 +27,12 @@ class TaskClass(Protocol):
     @staticmethod
     def check(cfg: TrainConfig, manifest: Manifest) -> None:
         """What the data must offer this task, checked before anything heavy (a one-line UserError)."""
+        ...
+
+    @staticmethod
+    def skeleton(cfg: TrainConfig, manifest: Manifest | None) -> Skeleton | None:
+        """The task's model on the meta device for the memory plan, from the config alone (None when
+        its shapes cannot be read offline: a hub id not cached here)."""
         ...
 
 

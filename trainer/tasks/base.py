@@ -23,6 +23,19 @@ class Evaluation:
     images: dict[str, torch.Tensor] = field(default_factory=dict)  # tag → NCHW in [0, 1]
 
 
+@dataclass
+class Skeleton:
+    """A task's model on the meta device (exact shapes, no memory) for the memory plan made before a
+    run (trainer/memory/): what DeepSpeed would wrap, frozen where the run freezes it, and how one
+    training forward of it is called at a micro-batch, in a precision."""
+
+    module: torch.nn.Module
+    forward: Callable[[torch.nn.Module, int, torch.dtype], Any]
+    beside: torch.nn.Module | None = None  # what the task holds beside the engine (a frozen VAE)
+    beside_forward: Callable[[torch.nn.Module, int, torch.dtype], Any] | None = None  # per step, no grad
+    ema: int = 0  # parameters the task keeps an fp32 moving average of
+
+
 class Task(Protocol):
     """One model family's part of a run. Built on every rank, after the process group exists."""
 
@@ -66,8 +79,14 @@ class Task(Protocol):
         """The export read back, under the engine module's parameter names (checked after export)."""
         ...
 
-    def expected_export(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What `exported` must equal, given the live engine's gathered fp32 parameters."""
+    def expected_export(self, name: str, live: torch.Tensor) -> torch.Tensor | None:
+        """What `exported` must hold under `name`, given the live engine's gathered fp32 parameter
+        (None: not checked). Asked one parameter at a time, on rank 0, before the engine is freed."""
+        ...
+
+    def release(self) -> None:
+        """Drop what refers to the trained engine (an EMA's parameters): the engine is then freed
+        before the export is written."""
         ...
 
     def hyperparameters(self) -> dict[str, Any]: ...

@@ -3,19 +3,46 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from core.clip import CLIPFineTuner, HeadSpec, load_clip
-from core.presets import build_clip, is_built
+from core.presets import HUB_SHAPES, build_clip, clip_config, is_built
 from plumbing.dist import DistInfo, barrier
 from trainer.tasks.clip.config import ModelConfig
 
 
 def build_finetuner(cfg: ModelConfig, source: str) -> CLIPFineTuner:
-    clip = load_clip(source)
+    return around(load_clip(source), cfg)
+
+
+def around(clip: Any, cfg: ModelConfig) -> CLIPFineTuner:
+    """The fine-tuner the config makes of a CLIPModel: its heads, gradient checkpointing."""
     if cfg.gradient_checkpointing:
         clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     in_dim = clip.config.projection_dim
     return CLIPFineTuner(clip, HeadSpec(cfg.head, in_dim, cfg.head_dim or in_dim, cfg.head_hidden))
+
+
+def skeleton_model(cfg: ModelConfig) -> CLIPFineTuner | None:
+    """The model a run builds, on the meta device (the memory plan's), frozen as the run freezes it;
+    its shapes from a preset, a hub model the presets copy, or a local folder's config.json (None: a
+    hub id not cached here)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    preset = cfg.preset or HUB_SHAPES.get(cfg.name, "")
+    if preset:
+        config = clip_config(preset, cfg.tiny)
+    else:
+        try:
+            config = CLIPConfig.from_pretrained(cfg.name, local_files_only=True)
+        except (OSError, ValueError):
+            return None
+    with torch.device("meta"):
+        model = around(CLIPModel(config), cfg)
+    freeze(model, cfg)
+    return model
 
 
 def freeze(model: CLIPFineTuner, cfg: ModelConfig) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ from trainer.config import TrainConfig
 from trainer.data import pick_caption
 from trainer.engine import Engine
 from trainer.run import RunFolder
-from trainer.tasks.base import Batch, Evaluation
-from trainer.tasks.clip.model import build_finetuner, freeze, model_source
+from trainer.tasks.base import Batch, Evaluation, Skeleton
+from trainer.tasks.clip.model import build_finetuner, freeze, model_source, skeleton_model
 from trainer.tasks.clip.objective import (
     classification_logits,
     contrastive_loss,
@@ -132,8 +132,11 @@ class ClipTask:
     def exported(self, out: Path) -> dict[str, torch.Tensor]:
         return dict(CLIPFineTuner.from_pretrained(out).named_parameters())
 
-    def expected_export(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in live.items() if k != "clip.logit_scale"}
+    def expected_export(self, name: str, live: torch.Tensor) -> torch.Tensor | None:
+        return None if name == "clip.logit_scale" else live
+
+    def release(self) -> None:
+        pass
 
     def hyperparameters(self) -> dict[str, Any]:
         m = self.model_cfg
@@ -142,6 +145,30 @@ class ClipTask:
     @staticmethod
     def check(cfg: TrainConfig, manifest: Manifest) -> None:
         pass
+
+    @classmethod
+    def skeleton(cls, cfg: TrainConfig, manifest: Manifest | None) -> Skeleton | None:
+        """The fine-tuner on the meta device, and the engine's forward of a step: the batch's images
+        and `texts(batch)` token rows (no attention mask: on the meta device the model's padding
+        checks would need values; the shapes, and so the memory, are the same)."""
+        model = skeleton_model(cfg.model)
+        if model is None:
+            return None
+        config = model.clip.config
+        side, length = config.vision_config.image_size, config.text_config.max_position_embeddings
+        texts = cls.texts(cfg, manifest)
+
+        def forward(module: torch.nn.Module, batch: int, dtype: torch.dtype) -> Any:
+            pixels = torch.zeros(batch, 3, side, side, dtype=dtype, device="meta")
+            ids = torch.zeros(texts(batch), length, dtype=torch.long, device="meta")
+            return module(pixel_values=pixels, input_ids=ids)
+
+        return Skeleton(model, forward)
+
+    @staticmethod
+    def texts(cfg: TrainConfig, manifest: Manifest | None) -> Callable[[int], int]:
+        """Text rows the engine encodes in a step of `batch` images: one caption each."""
+        return lambda batch: batch
 
 
 class ClipContrastive(ClipTask):
@@ -228,6 +255,12 @@ class ClipClassification(ClipTask):
 
     def hyperparameters(self) -> dict[str, Any]:
         return {**super().hyperparameters(), "objective": "classification"}
+
+    @staticmethod
+    def texts(cfg: TrainConfig, manifest: Manifest | None) -> Callable[[int], int]:
+        """Every class in every template, whatever the batch (CIFAR-10's ten without a manifest)."""
+        classes = len(manifest.classes) if manifest is not None and manifest.classes else 10
+        return lambda batch: classes * len(cfg.train.class_templates)
 
     @staticmethod
     def check(cfg: TrainConfig, manifest: Manifest) -> None:

@@ -20,6 +20,7 @@ from trainer.run import RunFolder
 from trainer.tasks.base import Batch
 from trainer.tasks.diffusion.data import check_captions, check_decode
 from trainer.tasks.diffusion.parts import check_parts, load, part_config, sources
+from trainer.tasks.diffusion.skeleton import preset_configs
 
 log = logging.getLogger("trainer.diffusion")
 
@@ -44,21 +45,7 @@ class DiffusionTask:
         self.dtype = torch.float32
 
     def _preset(self) -> tuple[Any, ...]:
-        """(preset, its configs): the tiny text encoder is shaped like the conditioning one."""
-        from core.presets import TinyConfig
-
-        text = (
-            part_config((self.cfg.text_encoder, "text_encoder"), "text encoder")
-            if self.cfg.text_encoder
-            else {}
-        )
-        clip = TinyConfig(
-            text_width=text.get("hidden_size", 32),
-            max_length=text.get("max_position_embeddings", 32),
-            heads=text.get("num_attention_heads", 4),
-            layers=text.get("num_hidden_layers", 2),
-        )
-        return self.cfg.preset, self.cfg.tiny, clip
+        return preset_configs(self.cfg)
 
     def shown(self, batch: Batch) -> torch.Tensor:
         return batch["pixel_values"][:16].float() / 255  # uint8, as the loader gives them
@@ -75,6 +62,9 @@ class DiffusionTask:
         pass
 
     def after_step(self, engine: Engine) -> None:
+        pass
+
+    def release(self) -> None:
         pass
 
     def hyperparameters(self) -> dict[str, Any]:

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from core.clip import Embedder
+from core.manifest import Manifest
 from plumbing.dist import DistInfo, all_sum
 from plumbing.errors import UserError
 from plumbing.seeds import derive_seed
 from trainer.config import TrainConfig
 from trainer.engine import Engine
 from trainer.run import RunFolder
-from trainer.tasks.base import Batch, Evaluation
+from trainer.tasks.base import Batch, Evaluation, Skeleton
 from trainer.tasks.diffusion.base import DiffusionTask
 from trainer.tasks.diffusion.config import PREDICTIONS
 from trainer.tasks.diffusion.data import DiffusionCollate, DiffusionPrep, to_unit_range
@@ -29,6 +30,7 @@ from trainer.tasks.diffusion.ema import Ema, full_ema
 from trainer.tasks.diffusion.modules import UNetModule
 from trainer.tasks.diffusion.objective import denoising_loss
 from trainer.tasks.diffusion.parts import load, part_config, where
+from trainer.tasks.diffusion.skeleton import meta_parts, vae_side
 
 
 class DenoisingTask(DiffusionTask):
@@ -72,6 +74,32 @@ class DenoisingTask(DiffusionTask):
         self._pending_ema: dict[str, torch.Tensor] = {}
         self._cache: dict[str, torch.Tensor] = {}  # sample key → the VAE posterior's moments
         self._embedder: Embedder | None = None  # the eval CLIP, loaded at the first evaluation
+
+    @staticmethod
+    def skeleton(cfg: TrainConfig, manifest: Manifest | None) -> Skeleton | None:
+        """The U-Net and its text encoder on the meta device, one step's forward of them on noisy
+        latents, and the frozen VAE beside them with its encoding of the step's images."""
+        unet, vae, text = meta_parts(cfg.diffusion, Path(cfg.run.dir) / "base-model")
+        if unet is None or vae is None or text is None:
+            return None
+        if cfg.diffusion.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        side, latent = vae_side(vae, unet, cfg.diffusion.resolution)
+        length = text.config.max_position_embeddings
+
+        def forward(module: torch.nn.Module, batch: int, dtype: torch.dtype) -> Any:
+            noisy = torch.zeros(batch, unet.config.in_channels, latent, latent, dtype=dtype, device="meta")
+            steps = torch.zeros(batch, dtype=torch.long, device="meta")
+            return module(noisy, steps, torch.zeros(batch, length, dtype=torch.long, device="meta"))
+
+        def encode(vae: torch.nn.Module, batch: int, dtype: torch.dtype) -> Any:
+            return vae.encode(
+                torch.zeros(batch, 3, side, side, dtype=dtype, device="meta")
+            ).latent_dist.parameters
+
+        ema = sum(p.numel() for p in unet.parameters()) if cfg.diffusion.ema_decay else 0
+        module = UNetModule(unet, text, cfg.diffusion.train_text_encoder)
+        return Skeleton(module, forward, vae, encode, ema)
 
     def build(self) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel
@@ -257,11 +285,15 @@ class DenoisingTask(DiffusionTask):
             **{f"text_encoder.{k}": v for k, v in text.named_parameters()},
         }
 
-    def expected_export(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.ema is None:
+    def expected_export(self, name: str, live: torch.Tensor) -> torch.Tensor | None:
+        if self.ema is None or not name.startswith("unet."):
             return live
         if (
             self.ema.partitioned
         ):  # rank 0 holds its partition only: the U-Net's EMA is checked by the export path
-            return {k: v for k, v in live.items() if not k.startswith("unet.")}
-        return {**live, **{f"unet.{k}": v.cpu() for k, v in self.ema.shadow.items()}}
+            return None
+        shadow = self.ema.shadow.get(name[len("unet.") :])
+        return live if shadow is None else shadow.cpu()
+
+    def release(self) -> None:
+        self.ema = None  # it holds the engine's parameters; the checkpoint holds the EMA

@@ -17,12 +17,13 @@ from plumbing.errors import UserError
 from trainer.config import TrainConfig
 from trainer.engine import Engine
 from trainer.run import RunFolder
-from trainer.tasks.base import Batch, Evaluation
+from trainer.tasks.base import Batch, Evaluation, Skeleton
 from trainer.tasks.diffusion.base import DiffusionTask
 from trainer.tasks.diffusion.data import DiffusionCollate, DiffusionPrep, check_decode, square, to_unit_range
 from trainer.tasks.diffusion.modules import VaeModule
 from trainer.tasks.diffusion.objective import reconstruction_loss
 from trainer.tasks.diffusion.parts import check_parts, sources
+from trainer.tasks.diffusion.skeleton import meta_parts, vae_side
 
 log = logging.getLogger("trainer.diffusion")
 
@@ -40,6 +41,19 @@ class VaeTask(DiffusionTask):
 
     def build(self) -> torch.nn.Module:
         return VaeModule(self._vae())
+
+    @staticmethod
+    def skeleton(cfg: TrainConfig, manifest: Manifest | None) -> Skeleton | None:
+        """The VAE on the meta device and one step's reconstruction of the images."""
+        unet, vae, _ = meta_parts(cfg.diffusion, Path(cfg.run.dir) / "base-model")
+        if vae is None:
+            return None
+        side, _ = vae_side(vae, None, cfg.diffusion.resolution)
+
+        def forward(module: torch.nn.Module, batch: int, dtype: torch.dtype) -> Any:
+            return module(torch.zeros(batch, 3, side, side, dtype=dtype, device="meta"))
+
+        return Skeleton(VaeModule(vae), forward)
 
     def loss(self, engine: Engine, batch: Batch, draw: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.dtype = next(engine.module.parameters()).dtype
@@ -90,7 +104,7 @@ class VaeTask(DiffusionTask):
             f"vae.{k}": v for k, v in AutoencoderKL.from_pretrained(out, subfolder="vae").named_parameters()
         }
 
-    def expected_export(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def expected_export(self, name: str, live: torch.Tensor) -> torch.Tensor | None:
         return live
 
     @classmethod
