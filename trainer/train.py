@@ -19,6 +19,8 @@ from plumbing.dist import (
 )
 from plumbing.errors import UserError
 from plumbing.logs import setup_logging
+from plumbing.watchdog import Watchdog
+from trainer.attempts import AttemptLog
 from trainer.checkpoint import Checkpointer, Saved, TrainState, check_fits
 from trainer.config import TrainConfig
 from trainer.data import TrainData
@@ -39,7 +41,14 @@ def train(cfg: TrainConfig) -> int:
     info = DistInfo.from_env()
     run = RunFolder(Path(cfg.run.dir))
     setup_logging(info.rank, run.log if info.is_main else None, cfg.run.verbose)
-    device = init_process_group(info)
+    tries = AttemptLog(run.attempts, info)  # 0. this try of the launch, recorded for the next one
+    refused = tries.refusal()
+    if refused is not None:  # a restart that would fail where the last ones did
+        return tries.refuse(refused)
+    tries.started()
+    watchdog = Watchdog(cfg.watchdog, info.rank, run.log if info.is_main else None, tries.hung)
+    watchdog.arm("start-up", long=True)  # until the first step: the watchdog's and c10d's long limit
+    device = init_process_group(info, cfg.watchdog.collective_s(cfg.watchdog.startup_s))
     engine = monitor = None
     try:
         where = ranks_by_node(info)
@@ -77,23 +86,32 @@ def train(cfg: TrainConfig) -> int:
             universal is not None,
         )
         state = resume(ckpt, engine, task, saved, universal, the_plan)  # 7. resume
+        tries.state = state
         evaluator = Evaluator(cfg.eval, task, lambda: data.eval_batches(cfg.eval.batch_size))
         monitor = Monitor(run.root, info.is_main, device, cfg.run.log_every, the_plan.total, state.step)
         log.info("%s; run folder %s", the_plan.describe(cfg.data.train_split), run.root)
         if saved is not None and the_plan.note:
             log.info("resuming %s under another layout: %s", saved.path, the_plan.note)
-        loop = Loop(cfg, the_plan, Parts(task, data, engine, ckpt, evaluator, monitor), state, info.rank)
+        parts = Parts(task, data, engine, ckpt, evaluator, monitor, watchdog)
+        loop = Loop(cfg, the_plan, parts, state, info.rank)
         code = loop.run()  # 8. train
         monitor.hparams({**task.hyperparameters(), **hyperparameters(cfg, the_plan.global_batch)})
-        if code == 0:  # 9. export, checked against the live engine
-            publish(engine, task, loop.last_checkpoint, run, cfg.run.verify_export, info.is_main)
-        barrier()
+        with watchdog.phase("export"):
+            if code == 0:  # 9. export, checked against the live engine
+                publish(engine, task, loop.last_checkpoint, run, cfg.run.verify_export, info.is_main)
+            barrier()
+        tries.finished(code)
         return code
+    except BaseException as err:
+        tries.failed(err)
+        raise
     finally:
+        watchdog.arm("shutdown", long=True)
         if monitor is not None:
             monitor.close()
         teardown(engine)
         destroy_process_group()
+        watchdog.close()
 
 
 def continuable(
