@@ -91,10 +91,12 @@ def caption(cfg: RetrievalConfig, info: DistInfo, device: str, watchdog: Watchdo
     )
     bar, started = progress(len(mine), "caption", "img"), time.perf_counter()
 
-    def made() -> str:
-        return f"{bar.n} of {len(mine)} images captioned"
+    made = [0]  # for a hang report (a progress bar off a terminal counts nothing)
 
-    for chunk in watchdog.batches(chunks(images.pictures(mine), cfg.batch_size), made):
+    def where() -> str:
+        return f"{made[0]} of {len(mine)} images captioned"
+
+    for chunk in watchdog.batches(chunks(images.pictures(mine), cfg.batch_size), where):
         records = [skipped(item) for item, picture in chunk if picture is None]
         good = [(item, picture) for item, picture in chunk if picture is not None]
         if good:
@@ -119,6 +121,7 @@ def caption(cfg: RetrievalConfig, info: DistInfo, device: str, watchdog: Watchdo
                 )
         writer.append(records)
         bar.update(len(chunk))
+        made[0] += len(chunk)
     bar.close()
     rate = Rate(len(mine), time.perf_counter() - started)
     return finish(
@@ -164,10 +167,12 @@ def search(cfg: RetrievalConfig, info: DistInfo, device: str, watchdog: Watchdog
     ]
     bar, started = progress(len(mine), "search", "query"), time.perf_counter()
 
-    def made() -> str:
-        return f"{bar.n} of {len(mine)} queries searched"
+    made = [0]
 
-    for chunk in watchdog.batches(chunks(iter(mine), cfg.batch_size), made):
+    def where() -> str:
+        return f"{made[0]} of {len(mine)} queries searched"
+
+    for chunk in watchdog.batches(chunks(iter(mine), cfg.batch_size), where):
         scores = embed_texts(embedder, [q.text for q in chunk], cfg.batch_size) @ table.t()
         found = []
         for query, row in zip(chunk, scores):
@@ -189,6 +194,7 @@ def search(cfg: RetrievalConfig, info: DistInfo, device: str, watchdog: Watchdog
             )
         writer.append(found)
         bar.update(len(chunk))
+        made[0] += len(chunk)
     bar.close()
     rate = Rate(len(mine), time.perf_counter() - started)
     return finish(rate, store, cfg, info, [q.id for q in queries], "query_id", search_summary, watchdog)

@@ -121,10 +121,12 @@ def _sample(cfg: SampleConfig, info: DistInfo, device: str, watchdog: Watchdog) 
     writer = records.writer(f"a{info.array_index:04d}-r{info.rank:04d}")
     bar = progress(len(todo), "sample", "img", enabled=True)
 
-    def made() -> str:
-        return f"{bar.n} of {len(todo)} images made"
+    made = [0]  # images made so far, for a hang report (a progress bar off a terminal counts nothing)
 
-    for batch in watchdog.batches(batches(todo, cfg.batch_size), made):  # each batch in time
+    def where() -> str:
+        return f"{made[0]} of {len(todo)} images made"
+
+    for batch in watchdog.batches(batches(todo, cfg.batch_size), where):  # each batch in time
         first = batch[0].item
         request = Request(
             [j.item.prompt for j in batch],
@@ -143,9 +145,10 @@ def _sample(cfg: SampleConfig, info: DistInfo, device: str, watchdog: Watchdog) 
             seconds = result.seconds / len(batch)
             writer.append([record(job, path, out.root, digest, seconds, cfg, dtype_name, provenance, score)])
         bar.update(len(batch))
+        made[0] += len(batch)
     bar.close()
 
-    watchdog.arm("wait for the other ranks", made)  # they have a batch or so left: the step's limit
+    watchdog.arm("wait for the other ranks", where)  # they have a batch or so left: the step's limit
     barrier()
     watchdog.arm("merge", long=True)
     if info.rank == 0:  # every array task merges what exists; the last one to finish sees it all

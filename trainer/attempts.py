@@ -206,7 +206,7 @@ def verdict(found: list[Attempt]) -> tuple[int, str]:
     detail = f": {last.detail}" if last.detail else ""
     line = f"{last.outcome} after step {last.step}{detail}{restarts}"
     if last.outcome == "hung":
-        line += "; every live rank's stacks are in the log (see docs/RELIABILITY.md, a hung job)"
+        line += "; every live rank's report and stacks are in the log (how to read them: docs/RELIABILITY.md)"
     return last.code, line
 
 
