@@ -15,8 +15,13 @@
 # Preemption: Slurm sends USR1 to this shell (#SBATCH --signal=B:USR1@…) ahead of the time limit,
 # and scancel/preemption send TERM. The trap hands the signal to srun, which forwards it to every
 # trainer; they finish the current step, checkpoint, and exit 75. This script then requeues the job
-# (#SBATCH --requeue), and the rerun resumes from that checkpoint (resume=auto). A job that ends
-# without a signal is not requeued: its exit code is the trainers'.
+# (#SBATCH --requeue), and the rerun resumes from that checkpoint (resume=auto).
+#
+# Failures: a job that hung (the trainers' watchdog printed every live rank's stacks and exited 124;
+# srun --kill-on-bad-exit then kills the ranks that could not, a stopped one on another node included)
+# or crashed is requeued too, up to MAX_RESTARTS times (default 3; preemptions do not count), and
+# resumes the same way; when the same step failed twice in a row it stops with one line. The job's
+# exit code and last line say how it ended (trainer/attempts.py: 0 finished, 124 hung, 1 crashed).
 set -uo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
 
@@ -27,6 +32,7 @@ if [ -n "$RUN_NAME" ] && ! [[ "$RUN_NAME" =~ ^[A-Za-z0-9_][A-Za-z0-9._-]*$ ]]; t
   exit 2
 fi
 OVERRIDES=${OVERRIDES:-}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -79,4 +85,12 @@ if [ -n "$signalled" ] && [ "$code" != 0 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi
-exit "$code"
+[ "$code" = 0 ] && exit 0
+# A hang or a crash: back to the queue while restarts are left and the failures move on (the record
+# of attempts in the run folder says which), else the job's outcome in one line and its status.
+if [ -n "${SLURM_JOB_ID:-}" ] && "$PYTHON" -m trainer.attempts --restart "$MAX_RESTARTS" "${ARGS[@]}"; then
+  echo "$(date +%T) requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exec "$PYTHON" -m trainer.attempts "${ARGS[@]}"

@@ -46,6 +46,8 @@ class DistInfo:
     node_name: str
     array_index: int = 0  # Slurm job arrays: this task's place among the array's tasks
     array_count: int = 1
+    launch: str = ""  # the launch this process belongs to: a torchrun run id, a Slurm job id, or "" alone
+    attempt: int = 0  # restarts of that launch before this one (torchrun's restarts, Slurm's requeues)
 
     @property
     def is_main(self) -> bool:
@@ -70,7 +72,8 @@ class DistInfo:
             info = cls._slurm(env, node_name)
         else:
             info = cls(0, 1, 0, 1, 0, 1, "127.0.0.1", 0, "single", node_name)
-        return replace(info, **_array(env))
+        launch, attempt = launch_of(env)
+        return replace(info, **_array(env), launch=launch, attempt=attempt)
 
     @classmethod
     def _torchrun(cls, env: Mapping[str, str], node_name: str) -> DistInfo:
@@ -139,6 +142,18 @@ def _array(env: Mapping[str, str]) -> dict[str, int]:
     if not 0 <= index < count:
         raise UserError(f"SLURM_ARRAY_TASK_ID={task} is outside the array's {count} tasks from {low}")
     return {"array_index": index, "array_count": count}
+
+
+def launch_of(env: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """Which launch this process belongs to, and its restart count. The launch: the launchers'
+    CLIP_LAUNCH_ID (launch/torchrun.sh sets one per run of the script: torchrun --standalone makes its
+    TORCHELASTIC_RUN_ID inside itself, unknown to the script), else torchrun's run id, else the Slurm
+    job id. The count: torchrun's TORCHELASTIC_RESTART_COUNT or Slurm's SLURM_RESTART_COUNT (requeues,
+    preemption's included)."""
+    env = os.environ if env is None else env
+    launch = env.get("CLIP_LAUNCH_ID") or env.get("TORCHELASTIC_RUN_ID") or env.get("SLURM_JOB_ID", "")
+    count = env.get("TORCHELASTIC_RESTART_COUNT") or env.get("SLURM_RESTART_COUNT") or "0"
+    return launch, int(count) if count.isdigit() else 0
 
 
 def _require(env: Mapping[str, str], names: tuple[str, ...], launcher: str) -> None:
@@ -217,6 +232,10 @@ def init_process_group(info: DistInfo, timeout_s: float = 600) -> str:
     device = f"cuda:{info.local_rank}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(info.local_rank)
+        # An NCCL collective that times out (the backstop behind the watchdog) tears the process down
+        # (1) rather than leaving it waiting: torchrun sets this for its workers, srun does not
+        # (torch/distributed/elastic/agent/server/local_elastic_agent.py).
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     backends = backends_for(cuda)
     if not info.distributed and not dist.is_initialized():
         # DeepSpeed wants a process group even alone: a one-rank group on an in-process store.
@@ -234,6 +253,57 @@ def init_process_group(info: DistInfo, timeout_s: float = 600) -> str:
         )
     _COMM = _Comm(comm_device(backends, info.local_rank), info.local_rank)
     return device
+
+
+C10D = "torch/distributed/distributed_c10d.py"
+C10D_LOGGER = "torch/distributed/c10d_logger.py"  # wraps each collective of C10D
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """From now on, a collective of the default group that waits longer fails (gloo: the waiting rank
+    raises; NCCL: its watchdog aborts the communicator). Local to this rank; a no-op alone."""
+    import torch.distributed as dist
+
+    if world_size() > 1:
+        dist.set_timeout(datetime.timedelta(seconds=seconds))
+
+
+def collective_now() -> tuple[str, int]:
+    """What the main thread is doing in torch.distributed, read from its Python frames (from the
+    watchdog's thread, while the main thread waits): e.g. "all_reduce(torch.float32[1024]) from
+    deepspeed/runtime/engine.py:2470 allreduce_bucket", or "none"; and how many collectives this rank's
+    default group has issued (its sequence number; -1 unknown). Ranks of one job that issued fewer
+    collectives are behind the others: the one to look at."""
+    import sys
+    import threading
+
+    import torch.distributed as dist
+
+    frame = sys._current_frames().get(threading.main_thread().ident or -1)
+    api, caller = None, None  # the outermost c10d frame of the innermost run of them; who called it
+    while frame is not None and caller is None:
+        name = frame.f_code.co_filename
+        if name.endswith(C10D):
+            api = frame
+        elif api is not None and not name.endswith(C10D_LOGGER):
+            caller = frame
+        frame = frame.f_back
+    where = "none"
+    if api is not None:
+        shapes = [
+            f"{v.dtype}{list(v.shape)}"
+            for v in api.f_locals.values()
+            if hasattr(v, "shape") and hasattr(v, "dtype")
+        ]
+        where = f"{api.f_code.co_name}({', '.join(shapes[:2])})"
+        if caller is not None:
+            path = os.path.relpath(caller.f_code.co_filename).split("site-packages/")[-1]
+            where += f" from {path}:{caller.f_lineno} {caller.f_code.co_name}"
+    try:
+        issued = int(dist.distributed_c10d._get_default_group()._get_sequence_number_for_group())
+    except Exception:  # no group, or a torch without the (private) counter: the report goes on without it
+        issued = -1
+    return where, issued
 
 
 def destroy_process_group() -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from plumbing.config import require
+from plumbing.watchdog import WatchdogConfig
 
 
 @dataclass
@@ -41,6 +42,8 @@ class RetrievalConfig:
     """Print the first N results (an image with its best caption, or a query with its best image)."""
     contact_sheets: int = 8
     """Contact sheets to draw: one per 16 captioned images, or one per query (0: none)."""
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    """On several ranks: a batch (or a wait for the other ranks) that takes longer ends the job as hung (stacks in the log, exit 124)."""
 
     def __post_init__(self) -> None:
         require(self.mode in ("caption", "search"), self, "mode", '"caption" or "search"')

@@ -28,6 +28,7 @@ from plumbing.dist import DistInfo, barrier, destroy_process_group, init_process
 from plumbing.errors import UserError
 from plumbing.files import atomic_write_json, safe_name
 from plumbing.logs import progress, setup_logging
+from plumbing.watchdog import Watchdog
 from retrieval.config import RetrievalConfig
 from retrieval.embed import cached
 from retrieval.sources import (
@@ -46,14 +47,17 @@ log = logging.getLogger("retrieval")
 def retrieve(cfg: RetrievalConfig) -> int:
     info = DistInfo.from_env()
     setup_logging(info.rank)
-    device = init_process_group(info)
+    watchdog = Watchdog.of_ranks(cfg.watchdog, info.rank, info.world_size)
+    watchdog.arm("start-up", long=True)  # the bank's embedding, by rank 0 while the others wait, included
+    device = init_process_group(info, cfg.watchdog.collective_s(cfg.watchdog.startup_s))
     try:
-        return (caption if cfg.mode == "caption" else search)(cfg, info, device)
+        return (caption if cfg.mode == "caption" else search)(cfg, info, device, watchdog)
     finally:
+        watchdog.close()
         destroy_process_group()
 
 
-def caption(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
+def caption(cfg: RetrievalConfig, info: DistInfo, device: str, watchdog: Watchdog) -> int:
     out = Path(cfg.out_dir)
     embedder = Embedder(cfg.export, device)
     images = image_set(cfg)
@@ -86,7 +90,13 @@ def caption(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
         len(bank),
     )
     bar, started = progress(len(mine), "caption", "img"), time.perf_counter()
-    for chunk in chunks(images.pictures(mine), cfg.batch_size):
+
+    made = [0]  # for a hang report (a progress bar off a terminal counts nothing)
+
+    def where() -> str:
+        return f"{made[0]} of {len(mine)} images captioned"
+
+    for chunk in watchdog.batches(chunks(images.pictures(mine), cfg.batch_size), where):
         records = [skipped(item) for item, picture in chunk if picture is None]
         good = [(item, picture) for item, picture in chunk if picture is not None]
         if good:
@@ -111,6 +121,7 @@ def caption(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
                 )
         writer.append(records)
         bar.update(len(chunk))
+        made[0] += len(chunk)
     bar.close()
     rate = Rate(len(mine), time.perf_counter() - started)
     return finish(
@@ -121,10 +132,11 @@ def caption(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
         [i.id for i in images.items],
         "image",
         lambda rs: caption_summary(rs, images, bank),
+        watchdog,
     )
 
 
-def search(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
+def search(cfg: RetrievalConfig, info: DistInfo, device: str, watchdog: Watchdog) -> int:
     out = Path(cfg.out_dir)
     embedder = Embedder(cfg.export, device)
     images = image_set(cfg)
@@ -154,7 +166,13 @@ def search(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
         q for i, q in enumerate(queries) if i % info.work_slice[1] == info.work_slice[0] and q.id not in done
     ]
     bar, started = progress(len(mine), "search", "query"), time.perf_counter()
-    for chunk in chunks(iter(mine), cfg.batch_size):
+
+    made = [0]
+
+    def where() -> str:
+        return f"{made[0]} of {len(mine)} queries searched"
+
+    for chunk in watchdog.batches(chunks(iter(mine), cfg.batch_size), where):
         scores = embed_texts(embedder, [q.text for q in chunk], cfg.batch_size) @ table.t()
         found = []
         for query, row in zip(chunk, scores):
@@ -176,9 +194,10 @@ def search(cfg: RetrievalConfig, info: DistInfo, device: str) -> int:
             )
         writer.append(found)
         bar.update(len(chunk))
+        made[0] += len(chunk)
     bar.close()
     rate = Rate(len(mine), time.perf_counter() - started)
-    return finish(rate, store, cfg, info, [q.id for q in queries], "query_id", search_summary)
+    return finish(rate, store, cfg, info, [q.id for q in queries], "query_id", search_summary, watchdog)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -263,8 +282,11 @@ def finish(
     order: list[str],
     key: str,
     summarise: Any,
+    watchdog: Watchdog,
 ) -> int:
+    watchdog.arm("wait for the other ranks")  # they have a batch or so left: the step's limit
     barrier()
+    watchdog.arm("merge", long=True)
     if not info.is_main:
         return 0
     out = store.root

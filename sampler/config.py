@@ -8,6 +8,7 @@ from omegaconf import MISSING
 
 from core.presets import DIFFUSION_PRESETS, TinyConfig, TinyDiffusionConfig
 from plumbing.config import require
+from plumbing.watchdog import WatchdogConfig
 from sampler.pipeline import SCHEDULERS
 
 
@@ -66,6 +67,8 @@ class SampleConfig:
     """Also pack the images with their records into WebDataset tars (out_dir/shards/)."""
     clip_score: str = ""
     """A CLIP folder or trainer export to score each image against its prompt (0-100, CLIPScore) and, for a data_prep split, against its real image."""
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    """On several ranks: a batch of images (or a wait for the other ranks) that takes longer ends the job as hung (stacks in the log, exit 124)."""
 
     def __post_init__(self) -> None:
         require(

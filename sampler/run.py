@@ -21,6 +21,7 @@ from plumbing.dist import DistInfo, barrier, destroy_process_group, init_process
 from plumbing.errors import UserError
 from plumbing.files import atomic_write_json, tree_digest
 from plumbing.logs import progress, setup_logging
+from plumbing.watchdog import Watchdog
 from sampler.config import SampleConfig
 from sampler.evaluate import evaluate, groups_table, scalars
 from sampler.output import OutputFolder
@@ -50,14 +51,17 @@ class Job:
 def sample(cfg: SampleConfig) -> int:
     info = DistInfo.from_env()
     setup_logging(info.rank)
-    device = init_process_group(info)
+    watchdog = Watchdog.of_ranks(cfg.watchdog, info.rank, info.world_size)
+    watchdog.arm("start-up", long=True)
+    device = init_process_group(info, cfg.watchdog.collective_s(cfg.watchdog.startup_s))
     try:
-        return _sample(cfg, info, device)
+        return _sample(cfg, info, device, watchdog)
     finally:
+        watchdog.close()
         destroy_process_group()
 
 
-def _sample(cfg: SampleConfig, info: DistInfo, device: str) -> int:
+def _sample(cfg: SampleConfig, info: DistInfo, device: str, watchdog: Watchdog) -> int:
     out = OutputFolder(Path(cfg.out_dir))
     model = ensure_model(cfg, info)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -116,7 +120,13 @@ def _sample(cfg: SampleConfig, info: DistInfo, device: str) -> int:
     scorer = Embedder(cfg.clip_score, device) if cfg.clip_score else None
     writer = records.writer(f"a{info.array_index:04d}-r{info.rank:04d}")
     bar = progress(len(todo), "sample", "img", enabled=True)
-    for batch in batches(todo, cfg.batch_size):
+
+    made = [0]  # images made so far, for a hang report (a progress bar off a terminal counts nothing)
+
+    def where() -> str:
+        return f"{made[0]} of {len(todo)} images made"
+
+    for batch in watchdog.batches(batches(todo, cfg.batch_size), where):  # each batch in time
         first = batch[0].item
         request = Request(
             [j.item.prompt for j in batch],
@@ -135,9 +145,12 @@ def _sample(cfg: SampleConfig, info: DistInfo, device: str) -> int:
             seconds = result.seconds / len(batch)
             writer.append([record(job, path, out.root, digest, seconds, cfg, dtype_name, provenance, score)])
         bar.update(len(batch))
+        made[0] += len(batch)
     bar.close()
 
+    watchdog.arm("wait for the other ranks", where)  # they have a batch or so left: the step's limit
     barrier()
+    watchdog.arm("merge", long=True)
     if info.rank == 0:  # every array task merges what exists; the last one to finish sees it all
         merged = records.merge(sorted(job.key for job in jobs))
         finish(out, merged, cfg, len(jobs), prompts.skipped, scorer)

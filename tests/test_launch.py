@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -164,6 +166,60 @@ def test_preemption_checkpoints_requeues_and_resumes_without_retraining_a_step(
     steps = [int(s) for s in re.findall(r"\] step (\d+) loss", log)]
     assert steps == list(range(1, epochs * per_epoch + 1)), steps  # each step exactly once, in order
     assert max(scalars(run_dir / "tensorboard", "train/loss")) == epochs * per_epoch
+
+
+@slurm
+@pytest.mark.slurm
+def test_a_stopped_rank_on_another_node_requeues_the_job_which_finishes(
+    small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """SIGSTOP of the rank on node2, as a bad node would: node1's rank reports within watchdog.step_s
+    and exits 124, srun ends the step (the stopped rank included), the batch script requeues the job
+    (a failure restart, not a preemption), and the rerun resumes and writes the final checkpoint."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    epochs, per_epoch = 6, 8  # 128 samples / (2 ranks × 8)
+    overrides = [*flickr_overrides(small_data["flickr8k"], run_dir, epochs), "watchdog.step_s=10"]
+    jobid = sbatch(
+        "launch/flickr8k.sbatch",
+        tmp_path,
+        overrides,
+        "--ntasks-per-node=1",
+        config="configs/demo-flickr8k.yaml",
+    )
+    logfile = tmp_path / f"clip-flickr8k-{jobid}.out"
+    deadline = time.time() + 240
+    while not (logfile.exists() and "step 10 loss" in logfile.read_text()):
+        assert time.time() < deadline and job(jobid)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), (
+            logfile.read_text()[-2000:] if logfile.exists() else job(jobid)
+        )
+        time.sleep(0.2)
+
+    def rank_on_node2() -> psutil.Process | None:
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                cmd = p.info["cmdline"] or []
+                if "trainer" in cmd and "--check" not in cmd and p.parent().name() != p.name():
+                    environ = p.environ()
+                    if environ.get("SLURM_JOB_ID") == jobid and environ.get("SLURMD_NODENAME") == "node2":
+                        return p
+        return None
+
+    victim = rank_on_node2()
+    assert victim is not None
+    victim.send_signal(signal.SIGSTOP)
+    info = wait_for(jobid)
+    log = logfile.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
+    assert "hung: rank 0 spent" in log and "thread 'MainThread' (main)" in log  # node1's report
+    assert "requeueing job" in log and "SLURM_RESTART_COUNT=1" in log
+    resumed = int(re.search(rf"resumed from {run_dir}/checkpoints/step-(\d+)", log).group(1))
+    steps = [int(s) for s in re.findall(r"\] step (\d+) loss", log)]
+    again = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # the rerun's first step
+    assert steps[:again] == list(range(1, again + 1)) and steps[again:] == list(range(resumed + 1, 49))
+    assert sorted(scalars(run_dir / "tensorboard", "train/loss")) == list(range(1, epochs * per_epoch + 1))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())[-1] == "step-00000048"
 
 
 @slurm

@@ -93,6 +93,8 @@ def test_sigkill_of_one_rank_fails_fast_and_a_rerun_finishes_the_job(
     worker.send_signal(signal.SIGKILL)
     code = proc.wait(timeout=120)
     assert code != 0 and time.time() - killed < 60, "the job hung after a rank died"
+    # the killed rank's loader workers (they ignore SIGTERM) died with it, not reparented to init
+    wait_until(lambda: not left_running(run_dir), 10, "the killed rank's loader workers to end")
     torchrun(2, args)  # resume=auto
     state = json.loads((run_dir / "checkpoints" / "step-00000030" / "trainer_state.json").read_text())[
         "state"
@@ -101,6 +103,106 @@ def test_sigkill_of_one_rank_fails_fast_and_a_rerun_finishes_the_job(
     assert logged_steps(run_dir) == list(
         range(1, 31)
     )  # every step once (a resumed run purges what followed its checkpoint)
+
+
+def left_running(run_dir: Path) -> list[psutil.Process]:
+    """Processes of a run (trainers, their loader workers: they all carry run.dir on their command line)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if str(run_dir) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(p)
+    return found
+
+
+def trainers(launcher: psutil.Process) -> dict[int, psutil.Process]:
+    """The trainer processes of torchrun's current attempt, by local rank (their children: loader workers)."""
+    agent = next(
+        p for p in [launcher, *launcher.children(recursive=True)] if "torch.distributed.run" in p.cmdline()
+    )
+    return {int(p.environ()["LOCAL_RANK"]): p for p in agent.children()}
+
+
+def attempt_records(run_dir: Path) -> list[dict]:
+    lines = [
+        line
+        for part in sorted((run_dir / "attempts").glob("*.jsonl"))
+        for line in part.read_text().splitlines()
+    ]
+    return sorted((json.loads(line) for line in lines), key=lambda r: r["time"])
+
+
+def test_a_stopped_loader_worker_then_a_stopped_rank_end_in_time_and_torchrun_sh_finishes_the_job(
+    small_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """What a bad node does to a job, from outside: a loader worker that stops delivering (a stuck
+    read), later a rank that stops (SIGSTOP). Each time the live ranks' watchdogs report within
+    watchdog.step_s, with their stacks; launch/torchrun.sh's torchrun restarts the job, which resumes
+    from its newest checkpoint and finishes by itself: every step trained once, nothing left running."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    overrides = [
+        *trainer_args(small_data["flickr8k"], run_dir, config="configs/demo-flickr8k.yaml")[2:],
+        "train.batch_size=4",  # 16 micro-batches an epoch: more than a worker prefetches (4)
+        "train.epochs=3",
+        "data.workers=1",
+        "checkpoint.every_steps=4",
+        "eval.every_epochs=0",
+        "eval.at_start=false",
+        "watchdog.step_s=10",
+    ]
+    script = subprocess.Popen(
+        ["bash", "launch/torchrun.sh", *overrides],
+        env=env(CONFIG="configs/demo-flickr8k.yaml", NPROC="2", PYTHON=PY),
+        cwd=ROOT,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    launcher_process = psutil.Process(script.pid)
+    stopped_at = []
+    for attempt, victim in enumerate(["loader worker", "rank"]):
+        before = complete(run_dir)
+        wait_until(
+            lambda before=before: bool(complete(run_dir)) and complete(run_dir)[-1] > max(before, default=""),
+            240,
+            f"a checkpoint of attempt {attempt}",
+            script,
+        )
+        ranks = trainers(launcher_process)
+        process = ranks[1].children()[0] if victim == "loader worker" else ranks[0]
+        process.send_signal(signal.SIGSTOP)
+        stopped_at.append(time.time())
+        wait_until(
+            lambda attempt=attempt: any(
+                r["event"] == "hung" and r["attempt"] == attempt for r in attempt_records(run_dir)
+            ),
+            60,
+            f"attempt {attempt}'s hang report",
+            script,
+        )
+    assert script.wait(timeout=300) == 0, log.read_text()[-4000:]
+    text = log.read_text()
+    records = attempt_records(run_dir)
+    hangs = [r for r in records if r["event"] == "hung"]
+    # the first hang: the rank whose worker stopped waited for its batch, the other for it in a collective
+    first = {r["rank"]: r for r in hangs if r["attempt"] == 0}
+    assert "loader batch" in first[1]["detail"] and "all_" in first[0]["detail"], first
+    assert "state stopped" in text and "waiting for a loader batch" in text
+    # the second: only rank 1 could speak, from inside its collective; rank 0 was stopped
+    second = [r for r in hangs if r["attempt"] == 1]
+    assert [r["rank"] for r in second] == [1] and "in a step" in second[0]["detail"]
+    for attempt, stopped in enumerate(stopped_at):  # reported within the limit, not the 600 s of c10d
+        said = min(r["time"] for r in hangs if r["attempt"] == attempt)
+        assert said - stopped < 10 + 15, (
+            f"attempt {attempt}: {said - stopped:.0f} s from SIGSTOP to the report"
+        )
+    assert "thread 'MainThread' (main)" in text  # every thread's stack, under each report
+    assert [r["event"] for r in records if r["event"] in ("start", "finished")] == ["start"] * 3 + [
+        "finished",
+        "finished",
+    ]
+    assert logged_steps(run_dir) == list(range(1, 3 * 16 + 1))  # to the exact end, each step once
+    assert complete(run_dir)[-1] == "step-00000048" and (run_dir / "export" / "finetuner.json").is_file()
+    assert not left_running(run_dir)  # no trainer, no loader worker
 
 
 def test_sigkill_during_a_checkpoint_save_keeps_the_previous_one(

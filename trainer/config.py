@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from plumbing.config import require
+from plumbing.watchdog import WatchdogConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
 from trainer.engine import DeepSpeedConfig, OptimConfig
@@ -23,7 +24,7 @@ OBJECTIVES = ("classification", "contrastive", "vae", "denoising")
 @dataclass
 class RunConfig:
     dir: str = MISSING
-    """Run folder: config.yaml, train.log, tensorboard/, checkpoints/, export/ (and base-model/ for presets)."""
+    """Run folder: config.yaml, train.log, tensorboard/, checkpoints/, export/, attempts/ (what each try of a launch did; base-model/ for presets)."""
     seed: int = 0
     """Seed of the heads' initialisation, the data order and the augmentations."""
     log_every: int = 10
@@ -86,5 +87,6 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     resume: str = "auto"
     """"auto" (newest complete checkpoint in run.dir, or start fresh), "none", or a checkpoint folder."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import signal
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +42,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from core.manifest import Manifest
 from core.shards import Shard, cut, decode, read_ranges, split_shards
 from plumbing.config import require
+from plumbing.process import die_with_parent
 from plumbing.seeds import derive_seed
+from plumbing.watchdog import stacks_on_request
 
 if TYPE_CHECKING:
     from trainer.tasks.base import Task
@@ -383,11 +386,15 @@ def _pad(samples: Iterator[dict[str, Any]], length: int) -> Iterator[dict[str, A
         yield {**last, "valid": False}
 
 
-def _ignore_stop_signals(_worker: int) -> None:
+def _ignore_stop_signals(_worker: int, parent: int = 0) -> None:
     """Slurm signals every process of a step: loader workers leave USR1/TERM to the trainer, which
-    finishes its step and checkpoints (workers end with it; killed, they would crash that step)."""
+    finishes its step and checkpoints (workers end with it; killed, they would crash that step).
+    Ignoring TERM, they must die with their rank however it ends (SIGKILL, a watchdog): see
+    plumbing.process.die_with_parent."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(parent)
+    stacks_on_request()  # a worker that stopped delivering shows where, before the watchdog kills it
 
 
 def loader(dataset: IterableDataset, workers: int, pin: bool) -> DataLoader:
@@ -398,7 +405,7 @@ def loader(dataset: IterableDataset, workers: int, pin: bool) -> DataLoader:
         pin_memory=pin,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
-        worker_init_fn=_ignore_stop_signals if workers else None,
+        worker_init_fn=partial(_ignore_stop_signals, parent=os.getpid()) if workers else None,
     )
 
 

@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from plumbing.config import to_dict
 from plumbing.dist import all_min, all_sum
 from plumbing.errors import UserError
 from plumbing.seeds import derive_seed
+from plumbing.watchdog import Watchdog, WatchdogConfig
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import TrainConfig
 from trainer.data import TrainData
@@ -32,7 +33,7 @@ from trainer.evaluate import Evaluator
 from trainer.guard import StepGuard
 from trainer.monitor import Monitor, StepStats, Stopwatch
 from trainer.plan import Plan
-from trainer.tasks.base import Batch, Task
+from trainer.tasks.base import Batch, Evaluation, Task
 
 log = logging.getLogger("trainer")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; run again (or requeue) to continue
@@ -48,6 +49,7 @@ class Parts:
     ckpt: Checkpointer
     evaluator: Evaluator
     monitor: Monitor
+    watchdog: Watchdog = field(default_factory=lambda: Watchdog(WatchdogConfig(step_s=0), 0))  # off
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Loop:
         self.cfg, self.plan, self.state, self.rank = cfg, plan, state, rank
         self.task, self.engine, self.data = parts.task, parts.engine, parts.data
         self.ckpt, self.evaluator, self.monitor = parts.ckpt, parts.evaluator, parts.monitor
+        self.watchdog = parts.watchdog
         self.config = to_dict(cfg)
         self.groups = group_names(self.engine.module, cfg.optim.weight_decay)
         self.shapes = trainable_shapes(self.engine.module)
@@ -80,7 +83,7 @@ class Loop:
     def run(self) -> int:
         s = self.state
         if s.step == 0 and s.micro_in_epoch == 0 and s.epoch == 0 and self.cfg.eval.at_start:
-            self.monitor.evaluation(0, 0, self.evaluator.run(self.engine, 0))
+            self.monitor.evaluation(0, 0, self.evaluate(0))
         while s.epoch < self.cfg.train.epochs and s.step < self.plan.total:
             code = self.epoch()
             if code is not None:
@@ -96,7 +99,7 @@ class Loop:
         losses: list[torch.Tensor] = []
         # closed however the epoch ends: the loader's workers must not outlive an error
         with contextlib.closing(self.data.epoch(s.epoch, s.micro_in_epoch)) as batches:
-            for batch in batches:
+            for batch in self.watchdog.batches(batches, self.where):  # each batch and step in time
                 data_time += watch.lap()
                 if s.step == 0 and s.micro_in_epoch == 0:  # what the model sees, once
                     self.monitor.images(0, self.task.shown(batch))
@@ -148,7 +151,7 @@ class Loop:
         if self.ckpt.should_save(s, epoch_end=True) or self.ckpt.should_save(s, epoch_end=False):
             self.save()
         if self.evaluator.should_eval(s.epoch, last=s.epoch == self.cfg.train.epochs):
-            self.monitor.evaluation(s.step, s.epoch, self.evaluator.run(self.engine, s.step))
+            self.monitor.evaluation(s.step, s.epoch, self.evaluate(s.step))
         return None
 
     def micro_step(self, batch: Batch) -> MicroStep:
@@ -202,6 +205,10 @@ class Loop:
             )
 
     def save(self) -> bool:
+        with self.watchdog.phase("checkpoint", self.where):
+            return self.checkpoint()
+
+    def checkpoint(self) -> bool:
         """Checkpoint, unless the parameters went non-finite: a checkpoint is always one to go back to."""
         if not params_finite(self.engine, self.rank):
             log.error(
@@ -214,6 +221,16 @@ class Loop:
             self.engine, self.state, self.config, self.groups, self.task.extra_state(), self.shapes
         )
         return True
+
+    def evaluate(self, step: int) -> Evaluation:
+        with self.watchdog.phase("evaluation", self.where):
+            return self.evaluator.run(self.engine, step)
+
+    def where(self) -> str:
+        """Where the loop stands, for a hang report."""
+        s = self.state
+        micro = f"micro-batch {s.micro_in_epoch + 1} of {self.plan.micro_for(s.epoch)}"
+        return f"step {s.step + 1}, epoch {s.epoch + 1}, {micro}"
 
     def preempted(self) -> int:
         self.save()

@@ -15,4 +15,7 @@ class RunFolder:
     tensorboard = property(lambda self: self.root / "tensorboard")
     checkpoints = property(lambda self: self.root / "checkpoints")
     export = property(lambda self: self.root / "export")
+    attempts = property(
+        lambda self: self.root / "attempts"
+    )  # what each try of a launch did (trainer.attempts)
     base_model = property(lambda self: self.root / "base-model")  # a preset's model, built here once

@@ -22,6 +22,8 @@ from plumbing.dist import (
 )
 from plumbing.errors import UserError
 from plumbing.logs import setup_logging
+from plumbing.watchdog import Watchdog
+from trainer.attempts import AttemptLog
 from trainer.checkpoint import Checkpointer, Saved, TrainState, check_fits
 from trainer.config import TrainConfig
 from trainer.data import TrainData
@@ -45,7 +47,14 @@ def train(cfg: TrainConfig) -> int:
     info = DistInfo.from_env()
     run = RunFolder(Path(cfg.run.dir))
     setup_logging(info.rank, run.log if info.is_main else None, cfg.run.verbose)
-    device = init_process_group(info)
+    tries = AttemptLog(run.attempts, info)  # 0. this try of the launch, recorded for the next one
+    refused = tries.refusal()
+    if refused is not None:  # a restart that would fail where the last ones did
+        return tries.refuse(refused)
+    tries.started()
+    watchdog = Watchdog(cfg.watchdog, info.rank, run.log if info.is_main else None, tries.hung)
+    watchdog.arm("start-up", long=True)  # until the first step: the watchdog's and c10d's long limit
+    device = init_process_group(info, cfg.watchdog.collective_s(cfg.watchdog.startup_s))
     if device == "cpu" and cfg.run.mmap_threshold_kb:
         map_large_blocks(cfg.run.mmap_threshold_kb * 1024)
     memory = MemoryRecorder(device, info)
@@ -76,17 +85,27 @@ def train(cfg: TrainConfig) -> int:
         start = the_plan.state().step
         monitor = Monitor(run.root, info.is_main, device, cfg.run.log_every, the_plan.total, start)
         # 5.–8. build, partition, resume, train; everything the engine held is freed when it returns
-        trained = fit(cfg, Session(info, device, run, ckpt, saved, the_plan, task, data, monitor, memory))
+        session = Session(
+            info, device, run, ckpt, saved, the_plan, task, data, monitor, memory, watchdog, tries
+        )
+        trained = fit(cfg, session)
         monitor.hparams({**task.hyperparameters(), **hyperparameters(cfg, the_plan.global_batch)})
-        if trained.code == 0:  # 9. export the last checkpoint, checked against the trained weights
-            publish(trained, task, run, info.is_main, memory)
-        memory.write(run.root, memory_plan, monitor, trained.step)
-        barrier()
+        with watchdog.phase("export"):
+            if trained.code == 0:  # 9. export the last checkpoint, checked against the trained weights
+                publish(trained, task, run, info.is_main, memory)
+            memory.write(run.root, memory_plan, monitor, trained.step)
+            barrier()
+        tries.finished(trained.code)
         return trained.code
+    except BaseException as err:
+        tries.failed(err)
+        raise
     finally:
+        watchdog.arm("shutdown", long=True)
         if monitor is not None:
             monitor.close()
         destroy_process_group()
+        watchdog.close()
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,8 @@ class Session:
     data: TrainData
     monitor: Monitor
     memory: MemoryRecorder
+    watchdog: Watchdog
+    tries: AttemptLog
 
 
 @dataclass(frozen=True)
@@ -139,14 +160,16 @@ def fit(cfg: TrainConfig, s: Session) -> Trained:
             )
         engine = memory.watch(built)
         state = resume(s.ckpt, engine, s.task, s.saved, universal, s.plan)  # 7. resume
+        s.tries.state = state
         evaluator = Evaluator(cfg.eval, s.task, lambda: s.data.eval_batches(cfg.eval.batch_size))
         log.info("%s; run folder %s", s.plan.describe(cfg.data.train_split), s.run.root)
         if s.saved is not None and s.plan.note:
             log.info("resuming %s under another layout: %s", s.saved.path, s.plan.note)
-        parts = Parts(s.task, s.data, engine, s.ckpt, evaluator, s.monitor)
+        parts = Parts(s.task, s.data, engine, s.ckpt, evaluator, s.monitor, s.watchdog)
         loop = Loop(cfg, s.plan, parts, state, s.info.rank)
         code = loop.run()  # 8. train
         verify = code == 0 and cfg.run.verify_export
+        s.watchdog.arm("export", long=True)  # the check, the teardown and the export: a long phase
         with memory.phase("verify"):
             digests = live_digests(engine, s.task, s.info.is_main) if verify else None
         return Trained(code, loop.state.step, loop.last_checkpoint, digests)

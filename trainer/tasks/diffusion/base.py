@@ -19,7 +19,7 @@ from trainer.engine import Engine
 from trainer.run import RunFolder
 from trainer.tasks.base import Batch
 from trainer.tasks.diffusion.data import check_captions, check_decode
-from trainer.tasks.diffusion.parts import check_parts, load, part_config, sources
+from trainer.tasks.diffusion.parts import check_parts, load, sources
 from trainer.tasks.diffusion.skeleton import preset_configs
 
 log = logging.getLogger("trainer.diffusion")
