@@ -6,6 +6,7 @@
     python -m data_prep csv --source train.tsv --out data/mine
     python -m data_prep folder --source my-imagefolder/ --out data/mine
     python -m data_prep index --shards 'laion/{00000..00099}.tar' --out data/laion
+    python -m data_prep index --shards 'https://host/laion/{00000..00099}.tar' --out data/laion
     python -m data_prep synthetic --out data/synthetic
 
 Beyond one machine: `--tasks N --task K` (or a Slurm array task, see launch/prep.sbatch) writes the
@@ -199,7 +200,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         dest="index.shards",
-        help="brace pattern, glob, file or folder of .tar shards; repeatable (one per split)",
+        help="brace pattern, glob, file or folder of .tar shards, http(s):// URLs, pipe: commands, s3:// or "
+        "gs:// URLs; repeatable (one per split)",
     )
     p.add_argument(
         "--split", action="append", dest="index.split", help="what they are (default train); one per --shards"
@@ -233,6 +235,8 @@ def _main(argv: list[str] | None) -> int:
         return 0
     config_file, overrides = args.pop("config"), args.pop("overrides")
     flags = {k: v for k, v in args.items() if v is not None}
+    if "index.shards" in flags:  # ${VARIABLE}s name credentials (core.secrets): not OmegaConf interpolations
+        flags["index.shards"] = [s.replace("${", "\\${") for s in flags["index.shards"]]
     cfg = load_config(PrepConfig, config_file, overrides, flags)
     setup_logging()
     if cfg.dataset == "synthetic":

@@ -138,7 +138,7 @@ class FolderConfig:
 @dataclass
 class IndexConfig:
     shards: list[str] = field(default_factory=list)
-    """Existing WebDataset shards (img2dataset's layout): brace patterns as webdataset takes them ('data/{00000..00099}.tar'), globs, files or folders; one entry per split."""
+    """Existing WebDataset shards (img2dataset's layout): brace patterns as webdataset takes them ('data/{00000..00099}.tar'), globs, files or folders, http(s):// URLs, webdataset's pipe: commands, or s3://, gs:// (fsspec, with the s3 or gcs extra); credentials only as ${VARIABLE}s or in ~/.netrc; one entry per split."""
     split: list[str] = field(default_factory=lambda: ["train"])
     """The split each `shards` entry is (one name for all of them, or one per entry)."""
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from core.manifest import FORMAT_VERSION, MANIFEST, ShardRecord, SplitRecord
+from core.remote import is_remote, remote_size
 from plumbing import __version__
 from plumbing.errors import UserError
 from plumbing.files import (
@@ -466,9 +467,16 @@ def _shard_path(out: Path, result: ShardResult) -> Path:
 
 
 def _intact(out: Path, result: ShardResult) -> bool:
-    """A recorded shard is still what was recorded: same size, same sha256 (a skipped one is redone)."""
+    """A recorded shard is still what was recorded: same size, same sha256 (a skipped one is redone).
+    A remote one (indexed at a URL) is asked for its size only: hashing it would download it again,
+    and the trainer checks its sha256 as it streams it anyway."""
     if result.record is None:
         return False
+    if is_remote(result.record.path):
+        try:
+            return remote_size(result.record.path) in (None, result.record.bytes)
+        except UserError:
+            return False  # gone or refused: redone, and reported as that shard's problem
     path = _shard_path(out, result)
     return (
         path.is_file()
@@ -563,8 +571,8 @@ def merge(out: Path) -> dict[str, Any]:
 
 
 def _present(out: Path, result: ShardResult) -> bool:
-    if result.record is None:
-        return True  # recorded as skipped: nothing to find
+    if result.record is None or is_remote(result.record.path):
+        return True  # recorded as skipped, or at a URL (a merge makes no network calls)
     path = _shard_path(out, result)
     return path.is_file() and path.stat().st_size == result.record.bytes
 
