@@ -5,6 +5,7 @@
     python -m data_prep coco --root coco/ --out data/coco
     python -m data_prep csv --source train.tsv --out data/mine
     python -m data_prep folder --source my-imagefolder/ --out data/mine
+    python -m data_prep parquet --source 'my-hf-dataset/data/*.parquet' --out data/mine
     python -m data_prep index --shards 'laion/{00000..00099}.tar' --out data/laion
     python -m data_prep index --shards 'https://host/laion/{00000..00099}.tar' --out data/laion
     python -m data_prep synthetic --out data/synthetic
@@ -30,6 +31,7 @@ from data_prep.flickr8k import index_images, read_captions, read_splits
 from data_prep.folder import read_folder
 from data_prep.images import KEEP, Resize
 from data_prep.index import index_shards
+from data_prep.parquet import read_parquet
 from data_prep.samples import ImageText, hash_split, sample_key
 from data_prep.shards import (
     Job,
@@ -191,6 +193,21 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("folder", help="an imagefolder (metadata.jsonl/.csv + images) → shards")
     p.add_argument("--source", required=True, dest="folder.source", help="the folder")
     p.add_argument("--caption-key", dest="folder.caption_key", help="caption column (default text)")
+    image_options(p)
+    common(p)
+
+    p = sub.add_parser("parquet", help="Parquet files as Hugging Face datasets writes them → shards")
+    p.add_argument(
+        "--source", required=True, dest="parquet.source", help="a .parquet file, a folder of them, or a glob"
+    )
+    p.add_argument(
+        "--image-key", dest="parquet.image_key", help="image column (default image: datasets' Image feature)"
+    )
+    p.add_argument(
+        "--caption-key",
+        dest="parquet.caption_key",
+        help="caption column, a string or a list (default: text, caption, captions or sentences)",
+    )
     image_options(p)
     common(p)
 
@@ -431,6 +448,18 @@ def _folder(cfg: PrepConfig) -> Prepared:
     )
 
 
+def _parquet(cfg: PrepConfig) -> Prepared:
+    p = cfg.parquet
+    found = read_parquet(p.source, p.image_key, p.caption_key, resize_of(cfg))
+    if found.split_source.startswith("hash"):
+        log.info(
+            "no split in the file names: using the hash split (75/12.5/12.5 % train/dev/test, see README)"
+        )
+    return Prepared(
+        found.splits, found.sources, {"split_source": found.split_source, "rejected": found.rejected}
+    )
+
+
 def _index(cfg: PrepConfig) -> Prepared:
     found = index_shards(list(cfg.index.shards), list(cfg.index.split))
     splits = {split: SplitPlan([], rejected) for split, rejected in found.rejected.items()}
@@ -443,6 +472,7 @@ SOURCES = {
     "coco": _coco,
     "csv": _csv,
     "folder": _folder,
+    "parquet": _parquet,
     "index": _index,
 }
 

@@ -23,6 +23,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Protocol
 
 from PIL import Image
 
@@ -40,6 +41,15 @@ WHITE = (255, 255, 255)
 
 
 # --------------------------------------------------------------------------- where the bytes are
+
+
+class ImageSource(Protocol):
+    """Where one image's bytes are (a file, a zip member, a Parquet row): small and picklable, read in
+    the worker that writes its shard."""
+
+    def read(self) -> bytes:
+        """The bytes; `Reject` when they cannot be had."""
+        ...
 
 
 @dataclass(frozen=True)
