@@ -261,7 +261,9 @@ def index_shards(patterns: list[str], splits: list[str]) -> Indexed:
         if problem:
             raise UserError(f"--shards {problem}")
     by_split: dict[str, list[str]] = {}
+    given: dict[str, list[str]] = {}
     for pattern, split in zip(patterns, names):
+        given.setdefault(split, []).append(pattern)
         for location in expand(pattern):
             if location not in by_split.setdefault(split, []):
                 by_split[split].append(location)
@@ -277,9 +279,11 @@ def index_shards(patterns: list[str], splits: list[str]) -> Indexed:
         if any(is_remote(where) for where in locations):
             # What names them, not their bytes (asking every server for sizes is no part of planning).
             listing = [(where, 0) for where in sorted(locations)]
+            info = folder_info(Path(), listing)
+            sources[f"shards_{split}"] = asdict(info) | {"path": " ".join(given[split]), "kind": "locations"}
         else:
             listing = sorted((name, Path(where).stat().st_size) for name, where in zip(relative, locations))
-        sources[f"shards_{split}"] = asdict(folder_info(Path(common), listing))
+            sources[f"shards_{split}"] = asdict(folder_info(Path(common), listing))
     return Indexed(jobs, {split: [] for split in by_split}, sources)
 
 

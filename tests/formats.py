@@ -326,7 +326,8 @@ def write_img2dataset(root: Path, shards: int = 2, per_shard: int = 5) -> dict[s
 def write_readme_examples(work: Path) -> None:
     """The files the README's "Your own data" commands name, in `work` (tests/test_docs.py runs every
     `python -m data_prep` line of the README there): coco/, train.tsv with its pictures,
-    my-imagefolder/, laion/ (img2dataset shards)."""
+    my-imagefolder/, laion/ (img2dataset shards; the test also serves them at
+    http://127.0.0.1:8765/), my-hf-dataset/ (Hugging Face datasets' Parquet files)."""
     CocoFixture().write_folders(work / "coco")
     pictures = work / "pictures"
     pictures.mkdir()
@@ -337,6 +338,7 @@ def write_readme_examples(work: Path) -> None:
     (work / "train.tsv").write_text("filepath\ttitle\n" + "".join(rows))
     write_imagefolder(work / "my-imagefolder")
     write_img2dataset(work / "laion")
+    write_hf_parquet(work / "my-hf-dataset")
 
 
 def write_hf_parquet(root: Path) -> dict[str, dict[str, list[str]]]:

@@ -14,18 +14,19 @@ from pathlib import Path
 
 
 class ShardServer:
-    """`with ShardServer(folder) as server:` → `server.url` is http://127.0.0.1:PORT; set `drop`,
+    """`with ShardServer(folder) as server:` → `server.url` is http://127.0.0.1:PORT (`port`: a free
+    one unless given); set `drop`,
     `unavailable` (file names, each fault used once), `ignore_range`, `auth` ("user:password"); every
     request lands in `server.requests` as (method, path, Range header)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, port: int = 0) -> None:
         self.folder = folder
         self.drop: set[str] = set()
         self.unavailable: set[str] = set()
         self.ignore_range = False
         self.auth = ""
         self.requests: list[tuple[str, str, str]] = []
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
