@@ -339,6 +339,25 @@ def test_resize_modes_follow_img2dataset() -> None:
     assert ext == "jpg" and min(Image.open(io.BytesIO(data)).getpixel((5, 5))) > 240  # matted onto white
 
 
+def test_resize_to_half_or_less_decodes_at_a_reduced_scale_and_looks_the_same() -> None:
+    """JPEG draft (DCT scaling) at half the source: the exact size img2dataset's keep_ratio gives, and
+    the pixels of a full decode averaged down with the BOX filter, within a few levels."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:240, 0:320]
+    pixels = np.stack([xx * 255 // 319, yy * 255 // 239, (xx + yy) * 255 // 558], -1).astype(np.uint8)
+    pixels[60:180, 100:220] = (200, 40, 40)  # a flat shape with sharp edges
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    for n in (120, 60, 37):  # half, a quarter, less
+        ext, data = prepare_image(buffer.getvalue(), Resize(n, "keep_ratio"))
+        got = Image.open(io.BytesIO(data)).convert("RGB")
+        size = (round(320 * n / 240), n)
+        plain = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").resize(size, Image.Resampling.BOX)
+        diff = np.abs(np.asarray(got, float) - np.asarray(plain, float))
+        assert ext == "jpg" and got.size == size and diff.mean() < 4, (n, diff.mean())
+
+
 def test_resize_on_write_from_the_command_line(
     files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
