@@ -393,11 +393,11 @@ def test_two_tasks_and_a_merge_equal_one_process(
     code, stdout, _ = prep([*argv, "--out", str(out), "--tasks", "2", "--task", "1"], capsys)
     assert (
         code == 0
-        and stdout.startswith("task 1 of 2: shards 3–5 of 6")
+        and stdout.startswith("task 1 of 2: shards 2–5 of 6")  # half the samples: the last shards are short
         and not (out / "manifest.json").exists()
     )
     code, _, err = prep(["merge", "--out", str(out)], capsys)
-    assert code == 2 and "tasks 0 of 2 have not finished: 3 of 6 shards are not there yet" in one_error(err)
+    assert code == 2 and "tasks 0 of 2 have not finished: 2 of 6 shards are not there yet" in one_error(err)
 
     # task 0 killed mid-way: one shard done, its record's next line torn, a temporary left behind
     assert prep([*argv, "--out", str(out), "--tasks", "2", "--task", "0"], capsys)[0] == 0
@@ -410,10 +410,10 @@ def test_two_tasks_and_a_merge_equal_one_process(
     (out / "train" / f".{json.loads(lines[1])['name']}.tmp-999999").write_bytes(b"half a shard")
     kept = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.tar")}
     code, stdout, _ = prep([*argv, "--out", str(out), "--tasks", "2", "--task", "0"], capsys)
-    assert code == 0 and "(2 written, 1 kept)" in stdout
+    assert code == 0 and "(1 written, 1 kept)" in stdout
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # what was complete is not rewritten
     names = [json.loads(line)["name"] for line in record.read_text().splitlines()]
-    assert len(names) == len(set(names)) == 3  # each of its shards recorded once
+    assert len(names) == len(set(names)) == 2  # each of its shards recorded once
 
     code, stdout, _ = prep(["merge", "--out", str(out)], capsys)
     assert code == 0 and "12 samples" in stdout
