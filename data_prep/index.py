@@ -114,33 +114,50 @@ def _walk_webdataset(f: BinaryIO, url: str) -> tuple[list[Group], str, int]:
 
 
 class _Window:
-    """A shard read once, front to back, in chunks of `_CHUNK` bytes, each hashed as a whole (sha256 in
-    big pieces runs at the speed of sha256_file); headers and small members are sliced out of the chunk
-    in hand, and the bytes between them are never copied (a chunk is kept whole while it is needed)."""
+    """A shard read once, front to back, into one reused buffer (`readinto`: no fresh memory for each
+    chunk, as hashlib.file_digest reads), each chunk hashed as a whole; headers and small members are
+    copied out of the chunk in hand, and the bytes between them are never touched again."""
 
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.sha = f, hashlib.sha256()
-        self.buf, self.base, self.size = b"", 0, 0  # buf holds bytes [base, base + len(buf)) of the file
+        self.buf = bytearray(2 * _CHUNK)
+        self.view = memoryview(self.buf)
+        self.base, self.lo, self.hi, self.size = 0, 0, 0, 0  # buf[lo:hi] is bytes [base, …) of the file
 
     def take(self, at: int, n: int) -> bytes:
         """Bytes [at, at + n) of the file (fewer at its end); `at` never goes back before a past call's."""
-        while self.base + len(self.buf) < at + n:
-            chunk = self.f.read(_CHUNK)
-            if not chunk:
+        while self.base + self.hi - self.lo < at + n:
+            end = self.base + self.hi - self.lo
+            keep = end - at if at < end else 0  # a header or member across the chunks' border (rare)
+            if keep:
+                self.buf[:keep] = self.view[self.hi - keep : self.hi]
+            self.base, self.lo, self.hi = (at if keep else end), 0, keep
+            if keep + _CHUNK > len(self.buf):  # a member bigger than a chunk (a long caption file)
+                self.view.release()
+                self.buf.extend(bytes(keep + _CHUNK - len(self.buf)))
+                self.view = memoryview(self.buf)
+            got = self._read(self.view[keep : keep + _CHUNK])
+            if not got:
                 break
-            self.sha.update(chunk)
-            self.size += len(chunk)
-            if at >= self.base + len(self.buf):  # nothing in hand is wanted any more
-                self.base, self.buf = self.base + len(self.buf), chunk
-            else:  # a header or member across the chunks' border: the rare copy
-                self.buf, self.base = self.buf[at - self.base :] + chunk, at
-        return self.buf[at - self.base : at + n - self.base]
+            self.sha.update(self.view[keep : keep + got])
+            self.size += got
+            self.hi = keep + got
+        start = self.lo + at - self.base
+        return bytes(self.view[start : min(start + n, self.hi)]) if start < self.hi else b""
+
+    def _read(self, into: memoryview) -> int:
+        readinto = getattr(self.f, "readinto", None)
+        if readinto is not None:
+            return readinto(into) or 0
+        data = self.f.read(len(into))  # a remote stream (core.remote): its own chunks, copied once
+        into[: len(data)] = data
+        return len(data)
 
     def finish(self) -> tuple[str, int]:
         """Read (and hash) the rest: the end-of-archive padding."""
-        while chunk := self.f.read(_CHUNK):
-            self.sha.update(chunk)
-            self.size += len(chunk)
+        while got := self._read(self.view[:_CHUNK]):
+            self.sha.update(self.view[:got])
+            self.size += got
         return self.sha.hexdigest(), self.size
 
 
@@ -190,12 +207,16 @@ def _walk_plain(f: BinaryIO) -> tuple[list[Group], str, int]:
         long_name = pax_path = ""
         if kind not in (b"0", b"\0") or name.endswith("/"):
             continue  # not a regular file: webdataset skips it
-        if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name):
-            continue
-        match = _KEY.match(name)
-        if not match:
-            continue
-        key, suffix = match.group(1), match.group(2).lower()
+        dot = name.find(".")
+        if dot > 0 and "/" not in name and not name.startswith("__"):
+            key, suffix = name[:dot], name[dot + 1 :].lower()  # what the two patterns give a plain name
+        else:
+            if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name):
+                continue
+            match = _KEY.match(name)
+            if not match:
+                continue
+            key, suffix = match.group(1), match.group(2).lower()
         value = b""
         if suffix in _KEEP:
             value = window.take(data_at, length)
@@ -206,10 +227,9 @@ def _walk_plain(f: BinaryIO) -> tuple[list[Group], str, int]:
         elif suffix in groups[-1][1]:
             raise _NotPlain("duplicate member")  # webdataset's reader raises on it: let it say so
         groups[-1][1][suffix] = value
-    if window.base + len(window.buf) < at:
-        window.take(at - 1, 1)  # the last member's data runs to the end: it must all be there
-        if window.base + len(window.buf) < at:
-            raise _NotPlain("truncated")
+    window.take(at, 0)  # the last member's data runs to the end: it must all be there
+    if window.base + window.hi - window.lo < at:
+        raise _NotPlain("truncated")
     digest, size = window.finish()
     return groups, digest, size
 
