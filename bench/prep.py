@@ -13,7 +13,8 @@ Input: ~2,000 synthetic 640×480 JPEGs (COCO's size) and an open_clip table (`fi
   not double a plain copy cannot double prep. Each run's CPU seconds are reported too: two tasks that
   cost the CPU time of one are held back by the machine (other load), not by prep.
 * Index: `data_prep index` of img2dataset-layout shards (the csv run's) against sha256 of the same
-  files (one read of each shard, plumbing.files.sha256_file). Target ≥ 0.9.
+  files (one read of each shard: hashlib.file_digest, ~4 % faster here than plumbing's sha256_file).
+  Target ≥ 0.9.
 * Resize on write: `data_prep`'s own image step (data_prep.images.prepare_image) to half and a quarter
   of the source's short side, against plain PIL doing the same (full decode, BOX resize, the same JPEG
   encode), one core. Target at half ≥ 2× (JPEG draft: DCT scaling).
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import io
 import json
 import multiprocessing
@@ -92,6 +94,12 @@ def floor(files: list[Path], out: Path, shard_size: int) -> int:
         write_tar(str(shard), [(p.name, p.read_bytes()) for p in files[start : start + shard_size]])
         sha256_file(shard)
     return len(files)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file the fastest plain way: hashlib.file_digest (one read, into a reused buffer)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def prep(*argv: str) -> None:
@@ -251,7 +259,7 @@ def main() -> None:
         splits = [s for s in ("train", "dev", "test") if any((shards / s).glob("*.tar"))]
 
         def hashed(out: Path) -> int:
-            forked(lambda: [sha256_file(p) for s in splits for p in sorted((shards / s).glob("*.tar"))])
+            forked(lambda: [file_sha256(p) for s in splits for p in sorted((shards / s).glob("*.tar"))])
             return samples_in(shards)
 
         def index(out: Path) -> int:
