@@ -114,7 +114,7 @@ class Resuming:
 
     def __init__(self, source: Any, location: str, retries: int, delay: float) -> None:
         self.source, self.location, self.retries, self.delay = source, location, retries, delay
-        self.offset, self.failures, self.retried = 0, 0, 0
+        self.offset, self.failures = 0, 0
         self._open()
 
     def _open(self) -> None:
@@ -128,7 +128,6 @@ class Resuming:
     def _wait(self, why: str) -> None:
         """Count a failure; give up after `retries` in a row, else wait (1, 2, 4 … 30 s) and go on."""
         self.failures += 1
-        self.retried += 1
         self.source.close()
         where = redact(self.location)
         if self.failures > self.retries:
