@@ -26,6 +26,8 @@ class Target:
     ratio: float
     bound: float
     at_least: bool = True
+    note: str = ""
+    """Printed after the verdict, e.g. the load average the two sides ran under."""
 
     @property
     def met(self) -> bool:
@@ -33,7 +35,9 @@ class Target:
 
     def line(self) -> str:
         sign = ">=" if self.at_least else "<="
-        return f"  {self.name:44s} {self.ratio:7.3f}   target {sign} {self.bound:<5g} {'met' if self.met else 'MISSED'}"
+        verdict = "met" if self.met else "MISSED"
+        note = f"   {self.note}" if self.note else ""
+        return f"  {self.name:44s} {self.ratio:7.3f}   target {sign} {self.bound:<5g} {verdict:6s}{note}".rstrip()
 
 
 def flickr8k_prep(raw: Path, out: Path, *settings: str, shard_size: int, workers: int = 1) -> list[list[str]]:
@@ -112,6 +116,7 @@ def write_results(
         "versions": versions(),
         "targets": [
             {"name": t.name, "ratio": t.ratio, "bound": t.bound, "at_least": t.at_least, "met": t.met}
+            | ({"note": t.note} if t.note else {})
             for t in targets
         ],
         "results": results,

@@ -7,30 +7,43 @@ Input: ~2,000 synthetic 640×480 JPEGs (COCO's size) and an open_clip table (`fi
 * Floor (the least prep must do, the plain way, one process): read each JPEG, write the same bytes in
   shards of the same size through the project's tar writer (plumbing.tars), sha256 each shard.
   Target: `data_prep csv` (one task) ≥ 0.8 of its images/s.
-* Tasks: `data_prep csv --tasks 2` (both tasks at once, then `merge`) against one task, on this machine.
-  Target ≥ 1.6×. The floor in two processes (each half the files) is the machine's own parallel-copy
-  speed-up, reported beside it: a VM whose two cores do not double a plain copy cannot double prep.
-* Index: `data_prep index` of img2dataset-layout shards (the csv run's) against sha256 of the same files.
+* Cores: `data_prep csv --tasks 2` (both tasks at once, then `merge`), and `--workers 2` in one
+  process, against one task. Target ≥ 1.7× on a 2-core machine. The floor in two processes (each half
+  the files) is the machine's own parallel-copy speed-up, reported beside it: a VM whose two cores do
+  not double a plain copy cannot double prep. Each run's CPU seconds are reported too: two tasks that
+  cost the CPU time of one are held back by the machine (other load), not by prep.
+* Index: `data_prep index` of img2dataset-layout shards (the csv run's) against sha256 of the same
+  files (one read of each shard: hashlib.file_digest, ~4 % faster here than plumbing's sha256_file).
+  Target ≥ 0.9.
+* Resize on write: `data_prep`'s own image step (data_prep.images.prepare_image) to half and a quarter
+  of the source's short side, against plain PIL doing the same (full decode, BOX resize, the same JPEG
+  encode), one core. Target at half ≥ 2× (JPEG draft: DCT scaling).
 * Decode: what one loader core turns into CLIP input per second (core.shards.decode + the trainer's
   evaluation transform at 224 px), from the original JPEGs and from `--image-size 256` ones.
 
 Every run forks from this process (same imports, same start-up) and runs take turns, best of `repeat`
-after an untimed warm-up. Writes bench/results/prep-<cpu>.json.
+after an untimed warm-up. Other processes on the same cores skew every ratio, the parallel ones most:
+the 1-minute load average (os.getloadavg) is printed beside each run and each ratio — read the ratios
+of a run made on an idle machine (load below ~0.3). Writes bench/results/prep-<cpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import hashlib
 import io
 import json
 import multiprocessing
 import os
 import random
+import resource
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +54,7 @@ from core.manifest import load_manifest
 from core.preprocess import ImageTransform
 from core.shards import decode, read_split
 from data_prep.cli import main as prep_main
+from data_prep.images import Resize, prepare_image
 from plumbing.files import sha256_file
 from plumbing.tars import write_tar
 
@@ -82,6 +96,12 @@ def floor(files: list[Path], out: Path, shard_size: int) -> int:
     return len(files)
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file the fastest plain way: hashlib.file_digest (one read, into a reused buffer)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def prep(*argv: str) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
         code = prep_main([*argv, "--quiet"])
@@ -91,6 +111,10 @@ def prep(*argv: str) -> None:
 
 def forked(*calls: Callable[[], object]) -> None:
     """Run the calls in forked processes at once and wait for all (what N tasks on one machine are)."""
+    # Frozen, this process's objects (torch and all) are never walked by a child's garbage collector,
+    # so a child copies only the pages it writes to (the gc module's docs: freeze before fork): what a
+    # task started as its own process, which never imports torch, costs.
+    gc.freeze()
     context = multiprocessing.get_context("fork")
     procs = [context.Process(target=call) for call in calls]
     for p in procs:
@@ -106,19 +130,69 @@ def samples_in(out: Path) -> int:
     return sum(s["num_samples"] for s in manifest["splits"].values())
 
 
-def best_rates(runs: dict[str, Callable[[Path], int]], scratch: Path, repeat: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class Rate:
+    """A run's best items/s, its CPU seconds (this process and its children) and the 1-minute load
+    average just after it (the machine's other work included)."""
+
+    rate: float
+    cpu: float
+    load: float
+
+
+def best_rates(runs: dict[str, Callable[[Path], int]], scratch: Path, repeat: int) -> dict[str, Rate]:
     """Best items/s of each run after an untimed warm-up round (page cache); the runs take turns so
     that page-cache writeback hits all alike."""
-    rates: dict[str, list[float]] = {name: [] for name in runs}
+    found: dict[str, list[Rate]] = {name: [] for name in runs}
     for i in range(-1, repeat):
         for name, run in runs.items():
             target = scratch / f"{name}-{i}"
+            cpu = _cpu()
             start = time.perf_counter()
             n = run(target)
+            wall = time.perf_counter() - start
             if i >= 0:
-                rates[name].append(n / (time.perf_counter() - start))
+                found[name].append(Rate(n / wall, _cpu() - cpu, os.getloadavg()[0]))
             shutil.rmtree(target, ignore_errors=True)
-    return {name: max(r) for name, r in rates.items()}
+    return {name: max(r, key=lambda x: x.rate) for name, r in found.items()}
+
+
+def _cpu() -> float:
+    mine, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
+
+
+def plain_resize(data: bytes, short: int, resample: Image.Resampling | None = None) -> bytes:
+    """Resizing with plain PIL, no DCT scaling: a full decode, `Image.resize` to the size prepare_image's
+    keep_ratio gives (Pillow's default filter, bicubic, or `resample`), the same JPEG encode."""
+    with Image.open(io.BytesIO(data)) as image:
+        picture = image.convert("RGB")
+    w, h = picture.size
+    size = (round(w * short / h), short) if w >= h else (short, round(h * short / w))
+    out = io.BytesIO()
+    picture.resize(size, resample).save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def resize_rates(files: list[Path], short: int, repeat: int) -> dict[str, Rate]:
+    """Images/s of plain PIL (its default filter, and the BOX filter data_prep used before) and of
+    data_prep's prepare_image resizing to `short` px, one core, turns taken, best of `repeat`."""
+    datas = [p.read_bytes() for p in files]
+    runs: dict[str, Callable[[bytes], object]] = {
+        "plain": lambda d: plain_resize(d, short),
+        "box": lambda d: plain_resize(d, short, Image.Resampling.BOX),
+        "prep": lambda d: prepare_image(d, Resize(short, "keep_ratio")),
+    }
+    found: dict[str, list[Rate]] = {name: [] for name in runs}
+    for i in range(-1, repeat):
+        for name, one in runs.items():
+            cpu, start = _cpu(), time.perf_counter()
+            for data in datas:
+                one(data)
+            wall = time.perf_counter() - start
+            if i >= 0:
+                found[name].append(Rate(len(datas) / wall, _cpu() - cpu, os.getloadavg()[0]))
+    return {name: max(r, key=lambda x: x.rate) for name, r in found.items()}
 
 
 def decode_rate(manifest: Path, count: int) -> float:
@@ -142,6 +216,7 @@ def main() -> None:
         "--shard-size", type=int, default=200, help="10 shards of 200: enough for 2 tasks to share"
     )
     parser.add_argument("--decode", type=int, default=300, help="images decoded per loader-core measurement")
+    parser.add_argument("--resize", type=int, default=300, help="images resized per resize measurement")
     parser.add_argument("--out", default="", help="results file (default bench/results/prep-<cpu>.json)")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
@@ -184,7 +259,7 @@ def main() -> None:
         splits = [s for s in ("train", "dev", "test") if any((shards / s).glob("*.tar"))]
 
         def hashed(out: Path) -> int:
-            forked(lambda: [sha256_file(p) for s in splits for p in sorted((shards / s).glob("*.tar"))])
+            forked(lambda: [file_sha256(p) for s in splits for p in sorted((shards / s).glob("*.tar"))])
             return samples_in(shards)
 
         def index(out: Path) -> int:
@@ -205,6 +280,13 @@ def main() -> None:
             root,
             args.repeat,
         )
+        sample = files[: args.resize]
+        half = SIZE[1] // 2
+        resized = {
+            f"resize_{n}_{name}": rate
+            for n in (half, half // 2)
+            for name, rate in resize_rates(sample, n, args.repeat).items()
+        }
         small = root / "small"
         prep(*csv, "--out", str(small), "--image-size", "256")
         decoded = {
@@ -219,33 +301,71 @@ def main() -> None:
             / 2**10
         )
         small_kb /= samples_in(small) or 1
-    rates.update({f"decode_{k}": v for k, v in decoded.items()})
-    load = (load_before, os.getloadavg()[0])  # other processes on the same cores skew the parallel rows
+    rates.update(resized)
+    load = (load_before, os.getloadavg()[0])
+
+    def ratio(name: str, a: str, b: str, bound: float) -> Target:
+        """rates[a] / rates[b], with the load average each ran under."""
+        return Target(
+            name, rates[a].rate / rates[b].rate, bound, note=f"load {rates[a].load:.1f} / {rates[b].load:.1f}"
+        )
+
     targets = [
-        Target("data_prep csv, 1 task / floor", rates["one"] / rates["floor"], 0.8),
-        Target("data_prep csv, 2 tasks + merge / 1 task", rates["two"] / rates["one"], 1.6),
-        Target("data_prep index / sha256 of the shards", rates["index"] / rates["hash"], 0.8),
+        ratio("data_prep csv, 1 task / floor", "one", "floor", 0.8),
+        ratio("data_prep csv, 2 tasks + merge / 1 task", "two", "one", 1.7),
+        ratio("data_prep csv --workers 2 / 1 task", "workers2", "one", 1.7),
+        ratio("data_prep index / sha256 of the shards", "index", "hash", 0.9),
+        ratio(
+            f"resize to {half} px (half): prep / plain PIL",
+            f"resize_{half}_prep",
+            f"resize_{half}_plain",
+            2.0,
+        ),
+    ]
+    box = {n: rates[f"resize_{n}_prep"].rate / rates[f"resize_{n}_box"].rate for n in (half, half // 2)}
+    rows = [
+        ("floor: tar writer + sha256, 1 process", "floor"),
+        ("floor: 2 processes, half the files each", "floor_two"),
+        ("data_prep csv, 1 task", "one"),
+        ("data_prep csv, 2 tasks at once + merge", "two"),
+        ("data_prep --workers 2 (csv, one process)", "workers2"),
+        ("sha256 of the shards", "hash"),
+        ("data_prep index (the same shards, in place)", "index"),
+        *[
+            (f"resize to {n} px ({'half' if n == half else 'a quarter'}): {who}", f"resize_{n}_{key}")
+            for n in (half, half // 2)
+            for who, key in (
+                ("plain PIL (default filter)", "plain"),
+                ("plain PIL, BOX filter", "box"),
+                ("data_prep (JPEG draft)", "prep"),
+            )
+        ],
     ]
     text = "\n".join(
         [
             f"input: {args.images} JPEGs {SIZE[0]}×{SIZE[1]}, {mb:.0f} MiB, shards of {args.shard_size}, best of {args.repeat}",
-            f"{'run':52s} {'images/s':>10s}",
-            f"{'floor: tar writer + sha256, 1 process':52s} {rates['floor']:10.0f}",
-            f"{'floor: 2 processes, half the files each':52s} {rates['floor_two']:10.0f}",
-            f"{'data_prep csv, 1 task':52s} {rates['one']:10.0f}",
-            f"{'data_prep csv, 2 tasks at once + merge':52s} {rates['two']:10.0f}",
-            f"{'data_prep --workers 2 (csv, one process)':52s} {rates['workers2']:10.0f}",
-            f"{'sha256 of the shards':52s} {rates['hash']:10.0f}",
-            f"{'data_prep index (the same shards, in place)':52s} {rates['index']:10.0f}",
+            f"{'run':52s} {'images/s':>10s} {'CPU s':>7s} {'load':>5s}",
+            *[
+                f"{label:52s} {rates[key].rate:10.0f} {rates[key].cpu:7.2f} {rates[key].load:5.1f}"
+                for label, key in rows
+            ],
             f"{'one loader core: decode + CLIP transform, 640×480':52s} {decoded['original']:10.0f}",
             f"{f'one loader core: the same at 256 px ({small_kb:.0f} KiB)':52s} {decoded['256']:10.0f}",
-            f"the machine's own parallel-copy speed-up (floor, 2 processes / 1): {rates['floor_two'] / rates['floor']:.3f}",
+            f"the machine's own parallel-copy speed-up (floor, 2 processes / 1): {rates['floor_two'].rate / rates['floor'].rate:.3f}",
+            f"CPU seconds, 2 tasks / 1 task: {rates['two'].cpu / rates['one'].cpu:.3f} (1.0: the same work, split)",
+            f"resize, data_prep / plain PIL with the BOX filter: {box[half]:.3f} at half, {box[half // 2]:.3f} at a quarter; "
+            f"data_prep / plain PIL at a quarter: {rates[f'resize_{half // 2}_prep'].rate / rates[f'resize_{half // 2}_plain'].rate:.3f}",
             f"load average at the start and the end: {load[0]:.1f}, {load[1]:.1f} ({os.cpu_count()} cores)",
             *[t.line() for t in targets],
         ]
     )
     print(text)
-    path = write_results(f"prep-{slug(machine()['cpu'])}", rates, targets, text, args.out)
+    results: dict[str, object] = {k: v.rate for k, v in rates.items()}
+    results |= {f"{k}_cpu_s": v.cpu for k, v in rates.items()} | {
+        f"{k}_load": v.load for k, v in rates.items()
+    }
+    results |= {f"decode_{k}": v for k, v in decoded.items()}
+    path = write_results(f"prep-{slug(machine()['cpu'])}", results, targets, text, args.out)
     print(f"wrote {path}")
 
 

@@ -7,12 +7,16 @@ check the data before training and knows every epoch's length without opening a 
 
 from __future__ import annotations
 
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.remote import is_remote, open_shard, remote_size
+from core.secrets import redact
 from plumbing.errors import UserError
-from plumbing.files import read_json, sha256_file
+from plumbing.files import read_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -25,7 +29,8 @@ class ShardRecord:
     bytes: int
     sha256: str
     path: str = ""
-    """Where the shard is, for shards indexed in place (`data_prep index`); empty: <root>/<split>/<name>."""
+    """Where the shard is, for shards indexed in place (`data_prep index`): a path, an http(s) URL, a
+    `pipe:` command or an fsspec URL (core.remote), as given; empty: <root>/<split>/<name>."""
 
 
 @dataclass
@@ -57,9 +62,11 @@ class Manifest:
     classes: list[str]
     raw: dict[str, Any]
 
-    def shard_path(self, split: str, shard: ShardRecord) -> Path:
-        """<root>/<split>/<name> for the shards data_prep wrote; an indexed shard's own (absolute) path."""
-        return self.root / shard.path if shard.path else self.root / split / shard.name
+    def shard_location(self, split: str, shard: ShardRecord) -> str:
+        """<root>/<split>/<name> for the shards data_prep wrote; an indexed shard's own path or URL."""
+        if is_remote(shard.path):
+            return shard.path
+        return str(self.root / shard.path if shard.path else self.root / split / shard.name)
 
     def split(self, name: str) -> SplitRecord:
         if name not in self.splits:
@@ -90,15 +97,35 @@ def load_manifest(path: Path) -> Manifest:
 
 
 def verify_shards(manifest: Manifest, split: str, checksum: bool = True) -> None:
-    """Every shard of `split` exists with its recorded size (and sha256): else one line naming it."""
-    for shard in manifest.split(split).shards:
-        path = manifest.shard_path(split, shard)
-        if not path.is_file():
-            raise UserError(f"shard {path} is named in {manifest.root / MANIFEST} but missing")
-        size = path.stat().st_size
-        if size != shard.bytes:
+    """Every shard of `split` exists with its recorded size (and sha256): else one line naming it.
+    Remote shards are asked for their size (HTTP HEAD, fsspec's info: a few at a time); a `pipe:`
+    command's output has no size before it runs, and is checked as the loader streams it."""
+    shards = manifest.split(split).shards
+    locations = [manifest.shard_location(split, s) for s in shards]
+    remote = [i for i, where in enumerate(locations) if is_remote(where)]
+    sizes: dict[int, int | None] = {}
+    with ThreadPoolExecutor(8) as pool:  # round trips overlap; the local files are stat()ed meanwhile
+        asked = dict(zip(remote, pool.map(remote_size, [locations[i] for i in remote])))
+        for i, where in enumerate(locations):
+            if i in asked:
+                sizes[i] = asked[i]
+            elif not Path(where).is_file():
+                raise UserError(f"shard {where} is named in {manifest.root / MANIFEST} but missing")
+            else:
+                sizes[i] = Path(where).stat().st_size
+    for i, shard in enumerate(shards):
+        where = redact(locations[i])
+        if sizes[i] is not None and sizes[i] != shard.bytes:
             raise UserError(
-                f"shard {path} has {size} bytes, the manifest says {shard.bytes} (truncated or replaced?)"
+                f"shard {where} has {sizes[i]} bytes, the manifest says {shard.bytes} (truncated or replaced?)"
             )
-        if checksum and sha256_file(path) != shard.sha256:
-            raise UserError(f"shard {path}: sha256 does not match the manifest (corrupted or replaced?)")
+        if checksum and _sha256(locations[i]) != shard.sha256:
+            raise UserError(f"shard {where}: sha256 does not match the manifest (corrupted or replaced?)")
+
+
+def _sha256(location: str) -> str:
+    digest = hashlib.sha256()
+    with open_shard(location) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

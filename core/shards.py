@@ -21,6 +21,8 @@ from typing import Any
 from PIL import Image
 
 from core.manifest import Manifest
+from core.remote import open_shard
+from core.secrets import redact
 from plumbing.errors import LocalError
 from plumbing.seeds import derive_seed
 
@@ -61,18 +63,19 @@ def split_shards(
     order = list(manifest.split(split).shards)
     if shuffle:
         random.Random(derive_seed(seed, "shards", epoch)).shuffle(order)
-    return [(str(manifest.shard_path(split, s)), s.num_samples, s.sha256 if verify else "") for s in order]
+    return [(manifest.shard_location(split, s), s.num_samples, s.sha256 if verify else "") for s in order]
 
 
 class HashingReader:
-    """A file read through sha256, as tarfile reads it (sequentially)."""
+    """A file read through sha256, as tarfile reads it (sequentially); `size` counts the bytes."""
 
     def __init__(self, f: Any) -> None:
-        self.f, self.h = f, hashlib.sha256()
+        self.f, self.h, self.size = f, hashlib.sha256(), 0
 
     def read(self, size: int = -1) -> bytes:
         data = self.f.read(size)
         self.h.update(data)
+        self.size += len(data)
         return data
 
     def finish(self) -> str:
@@ -86,17 +89,18 @@ def read_ranges(ranges: list[Range]) -> Iterator[dict[str, Any]]:
     webdataset's own tar reader. A range with a `sha256` hashes the shard as it streams and compares at
     its end: a shard changed since data_prep wrote it stops the reader with one line naming it (this
     replaces hashing every shard before step 1, which for a large set outlasts the process group's
-    timeout)."""
+    timeout). A shard at a URL or behind a `pipe:` command streams through core.remote, which resumes a
+    dropped connection at the byte reached: the tar reader and the hash see every byte once."""
     import webdataset as wds  # here, not at the top: data_prep imports this module and needs no torch
 
     for r in ranges:
-        with open(r.path, "rb") as f:
+        with open_shard(r.path) as f:
             stream = HashingReader(f) if r.sha256 else f
             files = wds.tariterators.tar_file_expander(iter([{"url": r.path, "stream": stream}]))
             yield from itertools.islice(wds.tariterators.group_by_keys(files), r.start, r.stop)
             if isinstance(stream, HashingReader) and stream.finish() != r.sha256:
                 raise LocalError(
-                    f"shard {r.path}: sha256 does not match the manifest (corrupted or replaced?)"
+                    f"shard {redact(r.path)}: sha256 does not match the manifest (corrupted or replaced?)"
                 )
 
 

@@ -5,7 +5,9 @@
     python -m data_prep coco --root coco/ --out data/coco
     python -m data_prep csv --source train.tsv --out data/mine
     python -m data_prep folder --source my-imagefolder/ --out data/mine
+    python -m data_prep parquet --source 'my-hf-dataset/data/*.parquet' --out data/mine
     python -m data_prep index --shards 'laion/{00000..00099}.tar' --out data/laion
+    python -m data_prep index --shards 'https://host/laion/{00000..00099}.tar' --out data/laion
     python -m data_prep synthetic --out data/synthetic
 
 Beyond one machine: `--tasks N --task K` (or a Slurm array task, see launch/prep.sbatch) writes the
@@ -29,6 +31,7 @@ from data_prep.flickr8k import index_images, read_captions, read_splits
 from data_prep.folder import read_folder
 from data_prep.images import KEEP, Resize
 from data_prep.index import index_shards
+from data_prep.parquet import read_parquet
 from data_prep.samples import ImageText, hash_split, sample_key
 from data_prep.shards import (
     Job,
@@ -193,13 +196,29 @@ def parser() -> argparse.ArgumentParser:
     image_options(p)
     common(p)
 
+    p = sub.add_parser("parquet", help="Parquet files as Hugging Face datasets writes them → shards")
+    p.add_argument(
+        "--source", required=True, dest="parquet.source", help="a .parquet file, a folder of them, or a glob"
+    )
+    p.add_argument(
+        "--image-key", dest="parquet.image_key", help="image column (default image: datasets' Image feature)"
+    )
+    p.add_argument(
+        "--caption-key",
+        dest="parquet.caption_key",
+        help="caption column, a string or a list (default: text, caption, captions or sentences)",
+    )
+    image_options(p)
+    common(p)
+
     p = sub.add_parser("index", help="existing WebDataset shards (img2dataset's), indexed in place")
     p.add_argument(
         "--shards",
         action="append",
         required=True,
         dest="index.shards",
-        help="brace pattern, glob, file or folder of .tar shards; repeatable (one per split)",
+        help="brace pattern, glob, file or folder of .tar shards, http(s):// URLs, pipe: commands, s3:// or "
+        "gs:// URLs; repeatable (one per split)",
     )
     p.add_argument(
         "--split", action="append", dest="index.split", help="what they are (default train); one per --shards"
@@ -233,6 +252,8 @@ def _main(argv: list[str] | None) -> int:
         return 0
     config_file, overrides = args.pop("config"), args.pop("overrides")
     flags = {k: v for k, v in args.items() if v is not None}
+    if "index.shards" in flags:  # ${VARIABLE}s name credentials (core.secrets): not OmegaConf interpolations
+        flags["index.shards"] = [s.replace("${", "\\${") for s in flags["index.shards"]]
     cfg = load_config(PrepConfig, config_file, overrides, flags)
     setup_logging()
     if cfg.dataset == "synthetic":
@@ -427,6 +448,18 @@ def _folder(cfg: PrepConfig) -> Prepared:
     )
 
 
+def _parquet(cfg: PrepConfig) -> Prepared:
+    p = cfg.parquet
+    found = read_parquet(p.source, p.image_key, p.caption_key, resize_of(cfg))
+    if found.split_source.startswith("hash"):
+        log.info(
+            "no split in the file names: using the hash split (75/12.5/12.5 % train/dev/test, see README)"
+        )
+    return Prepared(
+        found.splits, found.sources, {"split_source": found.split_source, "rejected": found.rejected}
+    )
+
+
 def _index(cfg: PrepConfig) -> Prepared:
     found = index_shards(list(cfg.index.shards), list(cfg.index.split))
     splits = {split: SplitPlan([], rejected) for split, rejected in found.rejected.items()}
@@ -439,6 +472,7 @@ SOURCES = {
     "coco": _coco,
     "csv": _csv,
     "folder": _folder,
+    "parquet": _parquet,
     "index": _index,
 }
 

@@ -9,7 +9,7 @@ from omegaconf import MISSING
 
 from plumbing.config import require
 
-DATASETS = ("cifar10", "flickr8k", "synthetic", "coco", "csv", "folder", "index")
+DATASETS = ("cifar10", "flickr8k", "synthetic", "coco", "csv", "folder", "parquet", "index")
 RESIZE_MODES = ("keep_ratio", "center_crop", "border", "keep_ratio_largest")  # img2dataset's names
 
 
@@ -136,9 +136,19 @@ class FolderConfig:
 
 
 @dataclass
+class ParquetConfig:
+    source: str = ""
+    """Parquet files as Hugging Face datasets writes them: one file, a folder (searched recursively) or a glob ('data/*.parquet'); splits from the file names (train-00000-of-00004.parquet), else the hash split."""
+    image_key: str = "image"
+    """Column with the image: datasets' Image feature (a struct of bytes and path), image bytes, or a path relative to the Parquet file."""
+    caption_key: str = ""
+    """Column with the caption (a string, or a list of captions); empty: the first of text, caption, captions, sentences."""
+
+
+@dataclass
 class IndexConfig:
     shards: list[str] = field(default_factory=list)
-    """Existing WebDataset shards (img2dataset's layout): brace patterns as webdataset takes them ('data/{00000..00099}.tar'), globs, files or folders; one entry per split."""
+    """Existing WebDataset shards (img2dataset's layout): brace patterns as webdataset takes them ('data/{00000..00099}.tar'), globs, files or folders, http(s):// URLs, webdataset's pipe: commands, or s3://, gs:// (fsspec, with the s3 or gcs extra); credentials only as ${VARIABLE}s or in ~/.netrc; one entry per split."""
     split: list[str] = field(default_factory=lambda: ["train"])
     """The split each `shards` entry is (one name for all of them, or one per entry)."""
 
@@ -177,7 +187,7 @@ class SyntheticConfig:
 @dataclass
 class PrepConfig:
     dataset: str = MISSING
-    """What to prepare: cifar10, flickr8k, coco, csv, folder, index or synthetic (set by the sub-command)."""
+    """What to prepare: cifar10, flickr8k, coco, csv, folder, parquet, index or synthetic (set by the sub-command)."""
     out: str = MISSING
     """Output folder: <split>/ shards, <split>/sizes.json and manifest.json (index: no shards; synthetic: the archives)."""
     seed: int = 0
@@ -191,6 +201,7 @@ class PrepConfig:
     coco: CocoConfig = field(default_factory=CocoConfig)
     csv: CsvConfig = field(default_factory=CsvConfig)
     folder: FolderConfig = field(default_factory=FolderConfig)
+    parquet: ParquetConfig = field(default_factory=ParquetConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -202,6 +213,7 @@ class PrepConfig:
             "coco": ("coco.root", "--root"),
             "csv": ("csv.source", "--source"),
             "folder": ("folder.source", "--source"),
+            "parquet": ("parquet.source", "--source"),
         }
         if self.dataset in required:
             key, flag = required[self.dataset]

@@ -23,6 +23,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Protocol
 
 from PIL import Image
 
@@ -40,6 +41,15 @@ WHITE = (255, 255, 255)
 
 
 # --------------------------------------------------------------------------- where the bytes are
+
+
+class ImageSource(Protocol):
+    """Where one image's bytes are (a file, a zip member, a Parquet row): small and picklable, read in
+    the worker that writes its shard."""
+
+    def read(self) -> bytes:
+        """The bytes; `Reject` when they cannot be had."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -248,10 +258,14 @@ def _resized(image: Image.Image, ext: str, data: bytes, resize: Resize) -> tuple
             return ext, data  # as img2dataset: left alone, and not re-encoded
         return "jpg", _encode(_matted(image), "jpg", resize.quality)
     size, n = target_size(width, height, resize), resize.size
-    if ext == "jpg" and size[0] * 2 <= width:
-        # Decode at a reduced DCT scale first, never below twice the target (Pillow's thumbnail does
-        # the same with its reducing_gap=2): several times faster for big JPEGs, same look.
-        image.draft(None, (size[0] * 2, size[1] * 2))
+    if ext == "jpg" and size[0] * 2 <= width and size[1] * 2 <= height:
+        # At half the source or less, decode at a reduced DCT scale (libjpeg's scaled IDCT through
+        # Pillow's Image.draft: 1/2, 1/4 or 1/8, never below the target): no full-size image is made
+        # and averaged down, and the IDCT and colour conversion shrink with it (bench.prep measures it
+        # against plain PIL). The scaled IDCT keeps each block's low frequencies (ITU T.81 §A.3.3: the
+        # DC term is the block's mean), a low-pass like the BOX filter, within a few levels of 255 of it
+        # (tests/test_own_data.py).
+        image.draft(None, size)
     picture = _matted(image)
     if picture.size != size:
         downscale = size[0] < width

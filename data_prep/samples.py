@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from data_prep.images import KEEP, ImageRef, Resize, prepare_image
+from data_prep.images import KEEP, ImageSource, Resize, prepare_image
 
 # Without a split of the source's own: a split from a hash of the image's name, stable when images
 # are added or removed (the documented split Flickr8k's Kaggle layout already uses).
@@ -36,7 +36,7 @@ class ImageText:
 
     key: str
     item: str  # what a rejection calls it: the image's path as the source names it
-    ref: ImageRef
+    ref: ImageSource
     captions: tuple[str, ...]
     image: str  # the json's "image": the name the source gives it
     split: str

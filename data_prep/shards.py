@@ -3,7 +3,7 @@
 * Deterministic: samples are cut into shards before any work starts, and every tar member gets the
   same mtime, owner and mode, so the bytes depend neither on `workers` nor on `tasks` nor on the clock.
 * Split among tasks: the one-process plan (every shard's name and samples) is cut into N contiguous
-  ranges of shards; task K writes range K (`task_range`). Each task records every finished shard in
+  ranges of shards holding equal shares of the samples; task K writes range K (`task_range`). Each task records every finished shard in
   `.parts/task-K-of-N.jsonl`; `merge` writes sizes.json and manifest.json from those records once
   every shard is there. One process is task 0 of 1 and merges at its end: the output is the same.
 * Never half-written: a shard is written under a hidden temporary name and renamed when complete;
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from core.manifest import FORMAT_VERSION, MANIFEST, ShardRecord, SplitRecord
+from core.remote import is_remote, remote_size
 from plumbing import __version__
 from plumbing.errors import UserError
 from plumbing.files import (
@@ -275,15 +276,24 @@ def plan_shards(out: Path, dataset: str, splits: dict[str, SplitPlan], shard_siz
     return jobs
 
 
-def task_range(count: int, task: int, tasks: int) -> range:
-    """The shards (indices into the plan) of task `task` of `tasks`: contiguous, sizes differing by at
-    most one, a pure function of the plan's length, so every task cuts the same plan the same way."""
-    return range(count * task // tasks, count * (task + 1) // tasks)
+def task_range(units: Sequence[int], task: int, tasks: int) -> range:
+    """The shards (indices into the plan) of task `task` of `tasks`, from each shard's units (samples):
+    contiguous, each shard to the task whose share of all the samples holds the shard's middle sample,
+    so the tasks' shares differ by at most a shard (cut by count, a split's short last shards left one
+    task of two with 1,200 of 2,000 images, bench.prep). A pure function of the plan: every task cuts
+    the same plan the same way."""
+    total = sum(units)
+    owners, before = [], 0
+    for n in units:
+        owners.append(min(tasks - 1, (2 * before + n) * tasks // (2 * total)) if total else 0)
+        before += n
+    mine = [i for i, t in enumerate(owners) if t == task]
+    return range(mine[0], mine[-1] + 1) if mine else range(0)
 
 
-def owner(index: int, count: int, tasks: int) -> int:
+def owner(index: int, units: Sequence[int], tasks: int) -> int:
     """The task whose `task_range` holds shard `index`."""
-    return next(t for t in range(tasks) if index in task_range(count, t, tasks))
+    return next(t for t in range(tasks) if index in task_range(units, t, tasks))
 
 
 def fingerprint(payload: dict[str, Any]) -> str:
@@ -355,7 +365,7 @@ def write_dataset(
         inside(out, split).mkdir(exist_ok=True)  # a split folder that resolves elsewhere is refused
     fp = fingerprint({"dataset": dataset, "shard_size": shard_size, **identity})
     old = _previous(out, fp, overwrite, tasks)
-    mine = task_range(len(jobs), task, tasks)
+    mine = task_range([j.units for j in jobs], task, tasks)
     if old and tasks > 1:
         log.info("%s is complete already (%s): nothing to do for task %d", out, MANIFEST, task)
         return Outcome(old, task, tasks, mine, len(jobs), len(mine), 0)
@@ -363,6 +373,7 @@ def write_dataset(
         "fingerprint": fp,
         "dataset": dataset,
         "jobs": [[j.split, j.name] for j in jobs],
+        "units": [j.units for j in jobs],
         "rejected": rejected,
         "identity": identity,
         "extra": extra,
@@ -466,9 +477,16 @@ def _shard_path(out: Path, result: ShardResult) -> Path:
 
 
 def _intact(out: Path, result: ShardResult) -> bool:
-    """A recorded shard is still what was recorded: same size, same sha256 (a skipped one is redone)."""
+    """A recorded shard is still what was recorded: same size, same sha256 (a skipped one is redone).
+    A remote one (indexed at a URL) is asked for its size only: hashing it would download it again,
+    and the trainer checks its sha256 as it streams it anyway."""
     if result.record is None:
         return False
+    if is_remote(result.record.path):
+        try:
+            return remote_size(result.record.path) in (None, result.record.bytes)
+        except UserError:
+            return False  # gone or refused: redone, and reported as that shard's problem
     path = _shard_path(out, result)
     return (
         path.is_file()
@@ -549,7 +567,8 @@ def merge(out: Path) -> dict[str, Any]:
     keys = [f"{split}/{name}" for split, name in plan["jobs"]]
     missing = [i for i, key in enumerate(keys) if key not in records or not _present(out, records[key])]
     if missing:
-        raise UserError(_not_finished(out, keys, missing, counts))
+        units = plan.get("units") or [1] * len(keys)  # a plan written before units were recorded
+        raise UserError(_not_finished(out, keys, units, missing, counts))
     splits = {
         split: [records[f"{s}/{n}"] for s, n in plan["jobs"] if s == split] for split in plan["rejected"]
     }
@@ -563,19 +582,19 @@ def merge(out: Path) -> dict[str, Any]:
 
 
 def _present(out: Path, result: ShardResult) -> bool:
-    if result.record is None:
-        return True  # recorded as skipped: nothing to find
+    if result.record is None or is_remote(result.record.path):
+        return True  # recorded as skipped, or at a URL (a merge makes no network calls)
     path = _shard_path(out, result)
     return path.is_file() and path.stat().st_size == result.record.bytes
 
 
-def _not_finished(out: Path, keys: list[str], missing: list[int], counts: set[int]) -> str:
+def _not_finished(out: Path, keys: list[str], units: list[int], missing: list[int], counts: set[int]) -> str:
     first = keys[missing[0]].split("/", 1)[1]
     what = f"{len(missing)} of {len(keys)} shards are not there yet (first: {first})"
     if len(counts) != 1:
         return f"{out}: {what}: run or rerun the prep tasks with this --out, then merge again"
     tasks = counts.pop()
-    owners = sorted({owner(i, len(keys), tasks) for i in missing})
+    owners = sorted({owner(i, units, tasks) for i in missing})
     listed = ", ".join(map(str, owners))
     return (
         f"{out}: tasks {listed} of {tasks} have not finished: {what}; rerun them with --tasks {tasks} "

@@ -325,8 +325,9 @@ def write_img2dataset(root: Path, shards: int = 2, per_shard: int = 5) -> dict[s
 
 def write_readme_examples(work: Path) -> None:
     """The files the "Your own data" commands of the README and docs/DATA.md name, in `work`
-    (tests/test_docs.py runs every `python -m data_prep` line they show there): coco/, train.tsv with its pictures,
-    my-imagefolder/, laion/ (img2dataset shards)."""
+    (tests/test_docs.py runs every `python -m data_prep` line they show there): coco/, train.tsv with
+    its pictures, my-imagefolder/, laion/ (img2dataset shards; the test also serves them at
+    http://127.0.0.1:8765/), my-hf-dataset/ (Hugging Face datasets' Parquet files)."""
     CocoFixture().write_folders(work / "coco")
     pictures = work / "pictures"
     pictures.mkdir()
@@ -337,3 +338,56 @@ def write_readme_examples(work: Path) -> None:
     (work / "train.tsv").write_text("filepath\ttitle\n" + "".join(rows))
     write_imagefolder(work / "my-imagefolder")
     write_img2dataset(work / "laion")
+    write_hf_parquet(work / "my-hf-dataset")
+
+
+def write_hf_parquet(root: Path) -> dict[str, dict[str, list[str]]]:
+    """A Hugging Face dataset as `datasets` writes it to Parquet (push_to_hub, to_parquet): files named
+    `data/<split>-00000-of-0000N.parquet`, an Image feature stored as a struct {bytes, path} with the
+    features in the schema's `huggingface` metadata, a `text` column, row groups of a few rows. With
+    the faults users meet: a row whose image is a path beside the file (kept), a path that is not
+    there, a URL only, no image at all, truncated JPEG bytes, an empty caption. Returns split →
+    `file:row` → captions of the rows that must come out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    features = {"image": {"_type": "Image"}, "text": {"dtype": "string", "_type": "Value"}}
+    schema = pa.schema(
+        [("image", image), ("text", pa.string())],
+        metadata={"huggingface": json.dumps({"info": {"features": features}})},
+    )
+    data = root / "data"
+    (data / "pics").mkdir(parents=True)
+    (data / "pics" / "beside.png").write_bytes(picture(500, fmt="PNG"))
+    expected: dict[str, dict[str, list[str]]] = {"train": {}, "validation": {}}
+    files = {
+        "train-00000-of-00002.parquet": 8,
+        "train-00001-of-00002.parquet": 5,
+        "validation-00000-of-00001.parquet": 4,
+    }
+    for name, n in files.items():
+        split = name.split("-")[0]
+        rows = []
+        for i in range(n):
+            text = f"{split} {name[-20:-8]} row {i}: a picture"
+            rows.append(
+                {"image": {"bytes": picture(100 * len(rows) + i + n), "path": f"{i}.jpg"}, "text": text}
+            )
+            expected[split][f"data/{name}:{i}"] = [text]
+        if name.startswith("train-00000"):
+            faults = {
+                1: ({"bytes": None, "path": "pics/beside.png"}, None),  # read from beside the file
+                2: ({"bytes": None, "path": "pics/gone.jpg"}, "missing file"),
+                3: ({"bytes": None, "path": "https://example.com/3.jpg"}, "url only"),
+                4: (None, "bad row"),
+                5: ({"bytes": picture(7)[:150], "path": "5.jpg"}, "unreadable image"),
+            }
+            for i, (value, kind) in faults.items():
+                rows[i]["image"] = value
+                if kind:
+                    del expected[split][f"data/{name}:{i}"]
+            rows[6]["text"] = "   "  # an empty caption
+            del expected[split][f"data/{name}:6"]
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), data / name, row_group_size=3)
+    return expected

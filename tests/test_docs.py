@@ -20,6 +20,7 @@ import pytest
 from plumbing.config import field_docs, walk_schema
 from tests.formats import write_readme_examples
 from tests.helpers import PY, ROOT, env, run
+from tests.http_server import ShardServer
 from tools.config_reference import JOBS, render
 
 README = ROOT / "README.md"
@@ -185,13 +186,14 @@ def test_shown_data_prep_commands_run_on_files_in_the_official_formats(tmp_path:
         for line in (work / "Flickr8k_text" / "Flickr8k.token.txt").read_text().splitlines():
             key, caption = line.split("\t")
             writer.writerow([key.split("#")[0], caption])
-    for command in [c for c in COMMANDS if c.startswith("python -m data_prep")]:
-        shutil.rmtree(work / "data", ignore_errors=True)  # the lines are alternatives, each on its own
-        words = shlex.split(command)
-        proc = subprocess.run(
-            [PY, *words[1:]], cwd=work, env=env(), capture_output=True, text=True, timeout=600
-        )
-        if words[3] == "cifar10":
-            assert proc.returncode == 2 and "is not the official" in proc.stderr, command
-        else:
-            assert proc.returncode == 0, (command, proc.stderr[-2000:])
+    with ShardServer(work / "laion", port=8765):  # the shown shards at a URL
+        for command in [c for c in COMMANDS if c.startswith("python -m data_prep")]:
+            shutil.rmtree(work / "data", ignore_errors=True)  # the lines are alternatives, each alone
+            words = shlex.split(command)
+            proc = subprocess.run(
+                [PY, *words[1:]], cwd=work, env=env(), capture_output=True, text=True, timeout=600
+            )
+            if words[3] == "cifar10":
+                assert proc.returncode == 2 and "is not the official" in proc.stderr, command
+            else:
+                assert proc.returncode == 0, (command, proc.stderr[-2000:])
