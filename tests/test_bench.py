@@ -61,6 +61,7 @@ def test_the_gpu_drill_runs_every_step_and_reports_a_failed_one_at_the_end(tmp_p
     assert "train-zero3        failed" in table
     assert "export-zero3       not run" in table and "needs train-zero3" in table
     assert "--- train-zero3 failed:" in table and "optim.lr" in table
+    assert "CLIP zero2:" in proc.stdout and "memory per phase" in proc.stdout  # the trainer's memory.json
     for step in (
         "train-zero2",
         "export-zero2",

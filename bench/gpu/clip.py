@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import flickr8k_prep
-from bench.gpu.drill import ROOT, Base, StepFailed, failure_lines, scalars, short, steady, torchrun
+from bench.gpu.drill import (
+    ROOT,
+    Base,
+    StepFailed,
+    failure_lines,
+    memory_record,
+    scalars,
+    short,
+    steady,
+    torchrun,
+)
 from bench.peer_openclip import WORKER, Shape, shard_pattern
 from bench.peer_openclip import scalars as timed_scalars
 
@@ -141,7 +151,7 @@ class Clip(Base):
             "model_states_gib": 16 * params / 2**30,  # ZeRO paper §3: (2 + 2 + 12)·Ψ bytes on one GPU
             "flops_per_sample": self.flops(stage),
             "exported_step": json.loads((run_dir / "export" / "export.json").read_text())["step"],
-            "memory": None,  # the run's per-phase memory table, once the trainer writes one: its column waits
+            "memory": memory_record(run_dir),  # the trainer's per-phase peaks beside its plan (issue 31)
         }
 
     def decode_on_device(self) -> dict[str, Any]:

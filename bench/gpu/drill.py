@@ -173,6 +173,13 @@ def scalars(tb: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
+def memory_record(run_dir: Path) -> dict[str, Any] | None:
+    """The trainer's per-phase memory record (trainer/memory/recorder.py: each rank's peak per phase,
+    torch.cuda.max_memory_allocated on a GPU, and the plan made before launch), if the run wrote one."""
+    path = run_dir / "memory.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def steady(values: dict[int, float], last: int) -> float:
     """The median over the logged steps of the first run, leaving out the first log window (warm-up)."""
     kept = [v for step, v in sorted(values.items()) if step <= last][1:] or list(values.values())

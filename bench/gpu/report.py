@@ -119,6 +119,7 @@ def table(results: dict[str, Any], outcomes: list[Outcome], peak: float) -> tupl
         lines.append(
             f"retrieval caption ({ret['export']} export): {ret['images_per_s']:.1f} images/s over {ret['images']} images"
         )
+    lines += memory_tables(results)
     goals = targets(results)
     lines += [t.line() for t in goals]
     lines.append(f"{'step':20s} {'outcome':8s} {'seconds':>8s}")
@@ -205,3 +206,17 @@ def main() -> None:
     failed = [o.step for o in outcomes if o.status == "failed"]
     if failed:
         raise SystemExit(f"bench.gpu: {len(failed)} of {len(outcomes)} steps failed: {', '.join(failed)}")
+
+
+def memory_tables(results: dict[str, Any]) -> list[str]:
+    """Each run's per-phase memory (the trainer's memory.json) beside the plan it made before launch."""
+    from trainer.memory.recorder import table as memory_table
+
+    runs = [(f"CLIP {stage}", r.get("memory")) for stage, r in results["trainer"].items()]
+    runs.append(("U-Net run", (results.get("unet") or {}).get("memory")))
+    lines: list[str] = []
+    for name, payload in runs:
+        if payload:
+            lines.append(f"{name}:")
+            lines += [f"  {line}" for line in memory_table(payload).splitlines()]
+    return lines

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from bench.gpu.drill import Base, scalars, steady, torchrun
+from bench.gpu.drill import Base, memory_record, scalars, steady, torchrun
 
 # configs/flickr8k-unet.yaml's settings that shape the step, for both loops of bench/train_diffusion.py
 UNET_SETTINGS = ("diffusion.gradient_checkpointing=true", "diffusion.ema_decay=0.9999")
@@ -74,4 +74,5 @@ class Unet(Base):
             "samples_per_s": steady(tb.get("perf/samples_per_s", {}), s.unet_steps),
             "data_wait_fraction": steady(tb.get("perf/data_wait_fraction", {}), s.unet_steps),
             "peak_memory_gib": max(tb.get("perf/peak_memory_mb", {0: 0.0}).values()) / 1024,
+            "memory": memory_record(run_dir),
         }
