@@ -100,6 +100,7 @@ def test_the_gpu_drill_reruns_named_steps_with_what_they_need() -> None:
             ["--steps", "8", "--repeat", "1", "--run-steps", "10"],
             "data-wait fraction",
         ),
+        ("bench.hang_stress", ["--rounds", "16", "--mode", "loaders"], "rounds 16 in"),
     ],
 )
 def test_cpu_benchmarks_print_their_ratios_and_write_their_results(
