@@ -1,5 +1,5 @@
 """The trainer's own loop over in-memory batches, for benchmarks that time a step as the loop runs it
-(micro-step with its guard, monitor, counters; no loader, checkpoints or evaluation)."""
+(micro-step with its guard, monitor, counters, watchdog; no loader, checkpoints or evaluation)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from plumbing.dist import DistInfo
+from plumbing.watchdog import Watchdog
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import TrainConfig
 from trainer.data import Layout
@@ -56,7 +57,8 @@ class TrainerLoop:
         monitor = Monitor(run.root / name, True, device, cfg.run.log_every, plan.total, 0)
         monitor.bar.disable = True
         evaluator = Evaluator(cfg.eval, self.task, list)
-        parts = Parts(self.task, InMemory([]), engine, ckpt, evaluator, monitor)  # type: ignore[arg-type]
+        watchdog = Watchdog(cfg.watchdog, 0)  # armed twice a micro-step, as in a real run
+        parts = Parts(self.task, InMemory([]), engine, ckpt, evaluator, monitor, watchdog)  # type: ignore[arg-type]
         self.loop = Loop(cfg, plan, parts, TrainState.of(plan.layout), 0)
 
     def epoch(self, data: list[dict[str, Any]]) -> None:

@@ -131,6 +131,7 @@ def test_the_gpu_drill_reruns_named_steps_with_what_they_need() -> None:
             "data-wait fraction",
         ),
         ("bench.memory", ["--rows", "tiny:0,tiny:3"], "tiny:3: ZeRO-3, fp32, batch 8, 2 ranks"),
+        ("bench.hang_stress", ["--rounds", "16", "--mode", "loaders"], "rounds 16 in"),
     ],
 )
 def test_cpu_benchmarks_print_their_ratios_and_write_their_results(
