@@ -18,9 +18,11 @@ beside the engine), 64-px images, gradient checkpointing, no EMA, batch 2, 2 ste
 
 Targets: at vit-l-14, the ZeRO-3 peak per rank ≤ 0.8 × ZeRO-0's and ZeRO-2's between them (rows
 measured in the same invocation); every measured row's export and checkpoint phases ≤ 1.1 × its
-training peak, and its plan within 1.25× of the measured peak either way. Split a campaign into one
-invocation per shape (each fits the shared machine's 15-minute lock): rows of earlier invocations
-are kept in the results file, each with its date, and every target is judged on the rows there.
+training peak, and its plan within 1.25× of the measured peak either way; sd-v1 under ZeRO-0
+refused by the plan on a 24 GiB machine, in a line that names the ZeRO stage that would fit. Split
+a campaign into one invocation per shape (each fits the shared machine's 15-minute lock): rows of
+earlier invocations are kept in the results file, each with its date, and every target is judged
+on the rows there.
 Writes bench/results/memory-<cpu>.json.
 """
 
@@ -30,6 +32,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -300,6 +303,10 @@ def summary(rows: dict[str, dict[str, Any]]) -> tuple[str, list[Target]]:
         targets.append(Target("vit-l-14 ZeRO-3 / ZeRO-0 training peak", z3 / z0, 0.8, at_least=False))
         targets.append(Target("vit-l-14 ZeRO-2 / ZeRO-0 (below it)", z2 / z0, 1.0, at_least=False))
         targets.append(Target("vit-l-14 ZeRO-2 / ZeRO-3 (above it)", z2 / z3, 1.0))
+    refused = rows.get("sd-v1:0", {}).get("refused")
+    if refused is not None:  # the issue's verdict: refused here, naming the stage that fits
+        named = re.search(r"deepspeed\.zero_stage=\d would fit", refused) is not None
+        targets.append(Target("sd-v1 ZeRO-0 refused, naming the stage that fits", float(named), 1.0))
     return "\n".join([*lines, *[t.line() for t in targets]]), targets
 
 
