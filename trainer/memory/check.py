@@ -133,7 +133,9 @@ def smallest_fix(
     dtype, task = DTYPES[s.precision], task_class(cfg.train.objective)
 
     def measured(c: TrainConfig, batch: int) -> ModelSize | None:
-        skeleton = task.skeleton(c, manifest)
+        with warnings.catch_warnings():  # as in memory_verdict: transformers 5's FutureWarning
+            warnings.simplefilter("ignore", FutureWarning)
+            skeleton = task.skeleton(c, manifest)
         return measure(skeleton, batch, dtype) if skeleton is not None else None
 
     tries: list[tuple[str, Callable[[], tuple[ModelSize | None, Setting]]]] = [
