@@ -38,29 +38,35 @@ class Census:
 def engine_census(engine: Any) -> dict[str, int]:
     """Bytes of each kind the engine holds on this rank."""
     c = Census()
+    for kind, tensor in engine_tensors(engine):
+        c.add(kind, tensor)
+    return c.bytes
+
+
+def engine_tensors(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(kind, tensor) of every tensor the engine holds on this rank (a storage may come more than once)."""
     for p in engine.module.parameters():
-        c.add("parameters", getattr(p, "ds_tensor", p.data))
-        c.add("parameters", p.data)
+        yield "parameters", getattr(p, "ds_tensor", p.data)
+        yield "parameters", p.data
         if p.grad is not None:
-            c.add("gradients", p.grad)
+            yield "gradients", p.grad
     for b in engine.module.buffers():
-        c.add("parameters", b)
+        yield "parameters", b
     wrapper = getattr(engine, "optimizer", None)
     inner = getattr(wrapper, "optimizer", wrapper)
     if isinstance(inner, torch.optim.Optimizer):
         for state in inner.state.values():
             for value in state.values():
                 if isinstance(value, torch.Tensor):
-                    c.add("optimizer", value)
+                    yield "optimizer", value
         for group in inner.param_groups:
             for p in group["params"]:
-                c.add("optimizer", p)  # ZeRO's fp32 masters (under ZeRO-0 fp32: the weights, counted above)
+                yield "optimizer", p  # ZeRO's fp32 masters (under ZeRO-0 fp32: the weights, counted above)
                 if p.grad is not None:
-                    c.add("gradients", p.grad)
+                    yield "gradients", p.grad
     if wrapper is not None and wrapper is not inner:
         for name, tensor in _tensors(wrapper, "", 0, set()):
-            c.add(_kind(name.lower()), tensor)
-    return c.bytes
+            yield _kind(name.lower()), tensor
 
 
 def _tensors(obj: Any, name: str, depth: int, visited: set[int]) -> Iterator[tuple[str, torch.Tensor]]:
