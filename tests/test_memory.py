@@ -156,10 +156,10 @@ def test_check_prints_the_plan_and_refuses_one_that_cannot_fit(
     ]
     ok = run(args)
     assert ok.stdout.startswith("ok: ") and "memory plan per rank (ZeRO-" in ok.stdout
-    assert re.search(r"this node: 2 ranks \(rank 0 alone exports\) .* = [\d.]+ GiB of [\d.]+ GiB RAM .*: fits", ok.stdout), ok.stdout
-    huge = run(
-        [*args, "model.preset=vit-l-14", "train.batch_size=64", "deepspeed.zero_stage=3"], check=False
-    )
+    assert re.search(
+        r"this node: 2 ranks \(rank 0 alone exports\) .* = [\d.]+ GiB of [\d.]+ GiB RAM .*: fits", ok.stdout
+    ), ok.stdout
+    huge = run([*args, "model.preset=vit-l-14", "train.batch_size=64", "deepspeed.zero_stage=3"], check=False)
     lines = huge.stderr.strip().splitlines()
     assert huge.returncode == 2 and len(lines) == 1 and "DOES NOT FIT" in huge.stdout
     assert lines[0].startswith("trainer: error: memory: ZeRO-3, ") and "would fit" in lines[0], lines[0]
