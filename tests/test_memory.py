@@ -5,6 +5,7 @@ sized from the model, the per-phase record, ZeRO-3's padding never read as a par
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -200,3 +201,30 @@ def test_vit_b_32_under_zero3_trains_resumes_and_exports_within_its_plan(
         assert 1 / 1.25 <= record["plan"]["total"] / max(peak.values()) <= 1.25, (record["plan"], peak)
     assert rank["phases"]["step"]["held"]["optimizer"] > 0.5 * 151e6 * 12 / 2  # fp32 masters + Adam, halved
     assert {"memory/rank0/backward_peak_mb", "memory/rank1/backward_peak_mb"} <= tags(run_dir / "tensorboard")
+
+
+def test_loader_workers_forked_after_the_step_hold_no_copy_of_the_engines_tensors() -> None:
+    """A block the engine holds is left out of forked children (MADV_DONTFORK): a loader worker
+    forked from the training process does not map it, so the step's rewrites copy nothing for it."""
+    from trainer.memory.host import keep_from_forks, map_large_blocks
+
+    map_large_blocks(1 << 20)
+    big, small = torch.ones(4 << 20, dtype=torch.uint8), torch.ones(1024)
+    assert keep_from_forks([big, small, big], 1 << 20) >= (4 << 20) - 8192  # whole pages of `big`
+    start = big.untyped_storage().data_ptr() + 8192  # a page inside it
+
+    def mapped(address: int) -> bool:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            low, high = (int(x, 16) for x in line.split()[0].split("-"))
+            if low <= address < high:
+                return True
+        return False
+
+    assert mapped(start)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the worker: it must not see the block, and can still read its own small tensor
+        os.write(write, b"1" if not mapped(start) and float(small.sum()) == 1024 else b"0")
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert os.read(read, 1) == b"1"
