@@ -110,6 +110,7 @@ class Watchdog:
         self._cycles: list[float] = []  # durations of recent step cycles (loader batch + step), sorted
         self._recent: list[float] = []  # the same, oldest first (to drop from the sorted list)
         self._cycle_start = 0.0
+        self._stepped = False  # a step has run: a new loader's first batch gets the step limit
         self._step_limit = cfg.step_s
         self._collective_s = 0.0
         self._wake = threading.Event()
@@ -149,8 +150,14 @@ class Watchdog:
         self._cycle_start = 0.0  # the time between two loaders (an epoch's end) is not a step's
         while True:
             self._cycle_done()
-            # A new loader's first batch waits for its workers to start and fill their shuffle buffers.
-            self.arm("first loader batch" if first else "loader batch", where, long=first)
+            # The run's first loader starts its workers, fills their shuffle buffers and, resumed, skips
+            # what was trained, all before the first step: the long limit. Every later loader (one an
+            # epoch) gets the step limit: a worker that hangs as it starts (forked while another thread
+            # of its rank held a lock it needs: the suspect of the demo's one hang, issue 19) is then
+            # reported by its own rank, with the worker's stack, not left to the peers' reports alone.
+            self.arm(
+                "first loader batch" if first else "loader batch", where, long=first and not self._stepped
+            )
             first = False
             try:
                 item = next(source)
@@ -158,6 +165,7 @@ class Watchdog:
                 return
             self.arm("step", where)
             yield item
+            self._stepped = True
 
     @contextlib.contextmanager
     def phase(self, kind: str, where: Callable[[], str] | None = None) -> Iterator[None]:

@@ -94,6 +94,34 @@ def test_the_step_limit_follows_the_median_step(monkeypatch: pytest.MonkeyPatch)
         dog.close()
 
 
+def test_a_later_loaders_first_batch_is_watched_with_the_step_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's first loader gets the long limit (workers start, shuffle buffers fill, a resume skips);
+    each epoch's new loader after it the step limit, so that a worker hanging as it starts is reported
+    by its own rank within minutes, not after `startup_s` when its peers have long reported."""
+    import plumbing.watchdog as wd
+
+    monkeypatch.setattr(wd, "set_collective_timeout", lambda seconds: None)
+    monkeypatch.setattr(Watchdog, "_watch", lambda self: None)
+    dog = Watchdog(WatchdogConfig(step_s=120, startup_s=1800), 0)
+    waits: list[tuple[str, float]] = []
+
+    def loader(batches: int):  # records what the watchdog armed while the rank waits for each batch
+        for i in range(batches):
+            armed = dog._armed
+            assert armed is not None
+            waits.append((armed.kind, armed.limit))
+            yield i
+
+    try:
+        for _epoch in range(3):
+            for _ in dog.batches(loader(2), lambda: ""):
+                pass
+    finally:
+        dog.close()
+    assert waits[:2] == [("first loader batch", 1800), ("loader batch", 120)]
+    assert waits[2:] == [("first loader batch", 120), ("loader batch", 120)] * 2
+
+
 def test_a_helper_process_dies_with_its_parent(tmp_path: Path) -> None:
     """A loader worker (it ignores SIGTERM) of a rank killed outright does not live on."""
     script = textwrap.dedent(
