@@ -181,6 +181,7 @@ def _walk_plain(f: BinaryIO) -> tuple[list[Group], str, int]:
     window = _Window(f)
     buf, view = window.buf, window.view
     groups: list[Group] = []
+    current, members = None, {}  # the last sample's key and members
     long_name, pax_path = "", ""
     at = 0
     while True:
@@ -203,7 +204,12 @@ def _walk_plain(f: BinaryIO) -> tuple[list[Group], str, int]:
             break  # tarfile: a zero block is the end of the archive
         if buf[o] == 0x1F and buf[o + 1] == 0x8B:
             raise _NotPlain("not a plain tar")
-        if int(field.split(b"\0", 1)[0].strip() or b"-1", 8) != _CHECKSUM_BASE + total:
+        # tarfile's own writer and data_prep's write "%06o\0 " (Lib/tarfile.py: _create_header): a
+        # match is that value; anything else is read the way tarfile reads it.
+        if (
+            field != b"%06o\0 " % (_CHECKSUM_BASE + total)
+            and int(field.split(b"\0", 1)[0].strip() or b"-1", 8) != _CHECKSUM_BASE + total
+        ):
             raise _NotPlain("checksum")
         if buf[o + 124] & 0x80:
             raise _NotPlain("base-256 size")
@@ -219,7 +225,8 @@ def _walk_plain(f: BinaryIO) -> tuple[list[Group], str, int]:
             else:
                 pax_path = _pax_path(data)
             continue
-        if kind not in (b"0", b"\0", b"5", b"1", b"2") or (kind in (b"5", b"1", b"2") and length):
+        regular = kind == b"0" or kind == b"\0"
+        if not regular and (kind not in (b"5", b"1", b"2") or length):
             raise _NotPlain(f"member type {kind!r}")
         name = raw_name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         if buf[o + 345]:
@@ -227,7 +234,7 @@ def _walk_plain(f: BinaryIO) -> tuple[list[Group], str, int]:
             name = f"{prefix}/{name}" if prefix else name
         name = pax_path or long_name or name
         long_name = pax_path = ""
-        if kind not in (b"0", b"\0") or name.endswith("/"):
+        if not regular or name.endswith("/"):
             continue  # not a regular file: webdataset skips it
         dot = name.find(".")
         if dot > 0 and "/" not in name and not name.startswith("__"):
@@ -249,11 +256,12 @@ def _walk_plain(f: BinaryIO) -> tuple[list[Group], str, int]:
                 buf, view = window.buf, window.view
                 if len(value) != length:
                     raise _NotPlain("truncated")
-        if not groups or groups[-1][0] != key:
-            groups.append((key, {}))
-        elif suffix in groups[-1][1]:
+        if key != current:
+            current, members = key, {}
+            groups.append((key, members))
+        elif suffix in members:
             raise _NotPlain("duplicate member")  # webdataset's reader raises on it: let it say so
-        groups[-1][1][suffix] = value
+        members[suffix] = value
     window.take(at, 0)  # the last member's data runs to the end: it must all be there
     if window.base + window.hi < at:
         raise _NotPlain("truncated")
