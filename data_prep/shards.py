@@ -453,9 +453,11 @@ def _known(out: Path, old: dict[str, Any], jobs: Sequence[Job]) -> dict[str, Sha
     by_key = {j.key: j for j in jobs}
     known: dict[str, ShardResult] = {}
     # Which shard a rejected sample belonged to: a dict for written shards (a manifest may list
-    # thousands), the job's own test for the others.
-    owner_of = {_item(s): j.key for j in jobs if isinstance(j, ShardJob) for s in j.samples}
-    for split, entry in old.get("splits", {}).items():
+    # thousands), the job's own test for the others. Built only when there is a manifest to read:
+    # each of N tasks plans every sample.
+    splits = old.get("splits", {})
+    owner_of = {_item(s): j.key for j in jobs if isinstance(j, ShardJob) for s in j.samples} if splits else {}
+    for split, entry in splits.items():
         for raw in entry["shards"]:
             job = by_key.get(f"{split}/{raw['name']}")
             if job is not None:
