@@ -170,6 +170,15 @@ class _Window:
 
 
 def _walk_plain(f: BinaryIO) -> tuple[list[Group], str, int]:
+    """`_walk_headers`, with a header field that does not parse (tarfile: "invalid header", which ends
+    its reading there quietly) left to webdataset's reader too."""
+    try:
+        return _walk_headers(f)
+    except ValueError as err:
+        raise _NotPlain(f"a header field that does not parse ({err})") from None
+
+
+def _walk_headers(f: BinaryIO) -> tuple[list[Group], str, int]:
     """The samples of a plain ustar/GNU/PAX tar, grouped as webdataset groups them, from the headers
     alone (image bytes are hashed, never kept), with every byte read once, in big chunks: indexing runs
     near the speed of sha256. It follows tarfile's reading (Lib/tarfile.py: frombuf, next, _proc_pax,
@@ -177,7 +186,9 @@ def _walk_plain(f: BinaryIO) -> tuple[list[Group], str, int]:
     global PAX headers, base-256 sizes, odd checksums, a truncated end, a duplicate member).
 
     Each header is read where it lies in the buffer (one struct unpack, no copy of its 512 bytes):
-    per member, Python's work is what costs here, next to sha256's."""
+    per member, Python's work is what costs here, next to sha256's. The numeric fields a sample does
+    not need (mode, uid, gid, mtime, device numbers) are not parsed: one that tarfile cannot parse,
+    under a checksum that matches, ends tarfile's reading there and not this walk's."""
     window = _Window(f)
     buf, view = window.buf, window.view
     groups: list[Group] = []
