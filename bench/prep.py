@@ -21,8 +21,10 @@ Input: ~2,000 synthetic 640×480 JPEGs (COCO's size) and an open_clip table (`fi
 * Decode: what one loader core turns into CLIP input per second (core.shards.decode + the trainer's
   evaluation transform at 224 px), from the original JPEGs and from `--image-size 256` ones.
 
-Every run forks from this process (same imports, same start-up) and runs take turns, best of `repeat`
-after an untimed warm-up. Other processes on the same cores skew every ratio, the parallel ones most:
+Every timed run forks from one process (same imports, same start-up) that holds what a data_prep
+process holds and no torch (a fork of torch's ~500 MB is a cost no data_prep run pays: the decode
+measurement, which needs it, runs in the parent), and runs take turns, best of `repeat` after an
+untimed warm-up. Every run, the sha256 baseline included, has one core unless it says two. Other processes on the same cores skew every ratio, the parallel ones most:
 the 1-minute load average (os.getloadavg) is printed beside each run and each ratio — read the ratios
 of a run made on an idle machine (load below ~0.3). Writes bench/results/prep-<cpu>.json.
 """
@@ -40,10 +42,12 @@ import os
 import random
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +55,6 @@ from PIL import Image, ImageDraw
 
 from bench.common import Target, machine, slug, write_results
 from core.manifest import load_manifest
-from core.preprocess import ImageTransform
 from core.shards import decode, read_split
 from data_prep.cli import main as prep_main
 from data_prep.images import Resize, prepare_image
@@ -111,9 +114,9 @@ def prep(*argv: str) -> None:
 
 def forked(*calls: Callable[[], object]) -> None:
     """Run the calls in forked processes at once and wait for all (what N tasks on one machine are)."""
-    # Frozen, this process's objects (torch and all) are never walked by a child's garbage collector,
-    # so a child copies only the pages it writes to (the gc module's docs: freeze before fork): what a
-    # task started as its own process, which never imports torch, costs.
+    # Frozen, this process's objects are never walked by a child's garbage collector, so a child
+    # copies only the pages it writes to (the gc module's docs: freeze before fork). This process holds
+    # no torch (see `main`): what a data_prep process holds.
     gc.freeze()
     context = multiprocessing.get_context("fork")
     procs = [context.Process(target=call) for call in calls]
@@ -197,6 +200,8 @@ def resize_rates(files: list[Path], short: int, repeat: int) -> dict[str, Rate]:
 
 def decode_rate(manifest: Path, count: int) -> float:
     """Samples/s one core decodes and turns into CLIP input (the trainer's evaluation transform)."""
+    from core.preprocess import ImageTransform  # here: it imports torch, which the timed runs must not hold
+
     transform = ImageTransform(224, (224, 224))
     raw = [s for s, _ in zip(read_split(load_manifest(manifest), "train"), range(count))]
     rng = random.Random(0)
@@ -204,6 +209,81 @@ def decode_rate(manifest: Path, count: int) -> float:
     for sample in raw:
         transform(decode(sample)["image"], rng)
     return len(raw) / (time.perf_counter() - start)
+
+
+def timed_runs(args: argparse.Namespace, root: Path) -> None:
+    """Every timed run, in a process without torch; their rates go to ROOT/runs.json, the input and the
+    shards stay in ROOT for the decode measurement."""
+    if "torch" in sys.modules:
+        raise SystemExit("bench.prep: the timed runs' process imported torch: their forks would copy it")
+    table = make_input(root / "input", args.images)
+    files = sorted((root / "input" / "images").glob("*.jpg"))
+    mb = sum(p.stat().st_size for p in files) / 2**20
+    csv = ["csv", "--source", str(table), "--shard-size", str(args.shard_size)]
+
+    def one(out: Path) -> int:
+        forked(lambda: prep(*csv, "--out", str(out)))
+        return samples_in(out)
+
+    def two(out: Path) -> int:
+        forked(*(lambda k=k: prep(*csv, "--out", str(out), "--tasks", "2", "--task", str(k)) for k in (0, 1)))
+        prep("merge", "--out", str(out))
+        return samples_in(out)
+
+    def workers2(out: Path) -> int:
+        forked(lambda: prep(*csv, "--out", str(out), "--workers", "2"))
+        return samples_in(out)
+
+    def floor_one(out: Path) -> int:
+        forked(lambda: floor(files, out, args.shard_size))
+        return len(files)
+
+    def floor_two(out: Path) -> int:
+        half = len(files) // 2
+        forked(
+            lambda: floor(files[:half], out / "a", args.shard_size),
+            lambda: floor(files[half:], out / "b", args.shard_size),
+        )
+        return len(files)
+
+    shards = root / "img2dataset"  # the csv output's shards, as a folder of shards to index
+    prep(*csv, "--out", str(shards))
+    splits = [s for s in ("train", "dev", "test") if any((shards / s).glob("*.tar"))]
+
+    def hashed(out: Path) -> int:
+        forked(lambda: [file_sha256(p) for s in splits for p in sorted((shards / s).glob("*.tar"))])
+        return samples_in(shards)
+
+    def index(out: Path) -> int:
+        patterns = [w for s in splits for w in ("--shards", str(shards / s), "--split", s)]
+        forked(lambda: prep("index", *patterns, "--out", str(out)))
+        return samples_in(out)
+
+    rates = best_rates(
+        {
+            "floor": floor_one,
+            "floor_two": floor_two,
+            "one": one,
+            "two": two,
+            "workers2": workers2,
+            "hash": hashed,
+            "index": index,
+        },
+        root,
+        args.repeat,
+    )
+    sample = files[: args.resize]
+    half = SIZE[1] // 2
+    resized = {
+        f"resize_{n}_{name}": rate
+        for n in (half, half // 2)
+        for name, rate in resize_rates(sample, n, args.repeat).items()
+    }
+    small = root / "small"
+    prep(*csv, "--out", str(small), "--image-size", "256")
+    rates.update(resized)
+    runs = {"rates": {name: asdict(rate) for name, rate in rates.items()}, "mb": mb}
+    (root / "runs.json").write_text(json.dumps(runs))
 
 
 def main() -> None:
@@ -218,77 +298,26 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=300, help="images decoded per loader-core measurement")
     parser.add_argument("--resize", type=int, default=300, help="images resized per resize measurement")
     parser.add_argument("--out", default="", help="results file (default bench/results/prep-<cpu>.json)")
+    parser.add_argument("--runs-in", default="", help=argparse.SUPPRESS)  # the timed runs' process
     args = parser.parse_args()
+    if args.runs_in:
+        timed_runs(args, Path(args.runs_in))
+        return
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        table = make_input(root / "input", args.images)
-        files = sorted((root / "input" / "images").glob("*.jpg"))
-        mb = sum(p.stat().st_size for p in files) / 2**20
-        csv = ["csv", "--source", str(table), "--shard-size", str(args.shard_size)]
-
-        def one(out: Path) -> int:
-            forked(lambda: prep(*csv, "--out", str(out)))
-            return samples_in(out)
-
-        def two(out: Path) -> int:
-            forked(
-                *(lambda k=k: prep(*csv, "--out", str(out), "--tasks", "2", "--task", str(k)) for k in (0, 1))
-            )
-            prep("merge", "--out", str(out))
-            return samples_in(out)
-
-        def workers2(out: Path) -> int:
-            forked(lambda: prep(*csv, "--out", str(out), "--workers", "2"))
-            return samples_in(out)
-
-        def floor_one(out: Path) -> int:
-            forked(lambda: floor(files, out, args.shard_size))
-            return len(files)
-
-        def floor_two(out: Path) -> int:
-            half = len(files) // 2
-            forked(
-                lambda: floor(files[:half], out / "a", args.shard_size),
-                lambda: floor(files[half:], out / "b", args.shard_size),
-            )
-            return len(files)
-
-        shards = root / "img2dataset"  # the csv output's shards, as a folder of shards to index
-        prep(*csv, "--out", str(shards))
-        splits = [s for s in ("train", "dev", "test") if any((shards / s).glob("*.tar"))]
-
-        def hashed(out: Path) -> int:
-            forked(lambda: [file_sha256(p) for s in splits for p in sorted((shards / s).glob("*.tar"))])
-            return samples_in(shards)
-
-        def index(out: Path) -> int:
-            patterns = [w for s in splits for w in ("--shards", str(shards / s), "--split", s)]
-            forked(lambda: prep("index", *patterns, "--out", str(out)))
-            return samples_in(out)
-
-        rates = best_rates(
-            {
-                "floor": floor_one,
-                "floor_two": floor_two,
-                "one": one,
-                "two": two,
-                "workers2": workers2,
-                "hash": hashed,
-                "index": index,
-            },
-            root,
-            args.repeat,
-        )
-        sample = files[: args.resize]
-        half = SIZE[1] // 2
-        resized = {
-            f"resize_{n}_{name}": rate
-            for n in (half, half // 2)
-            for name, rate in resize_rates(sample, n, args.repeat).items()
-        }
-        small = root / "small"
-        prep(*csv, "--out", str(small), "--image-size", "256")
+        # The timed runs fork from a process of their own, which holds what a data_prep process holds
+        # and no torch: this one holds torch (bench/__init__.py, the decode measurement), and a fork of
+        # its ~500 MB made each of --workers 2's pool processes cost CPU that a real run never pays.
+        # bench/__init__.py set DS_ACCELERATOR in this environment, so the child does not import torch.
+        sizes = {"--images": args.images, "--repeat": args.repeat, "--shard-size": args.shard_size}
+        sizes["--resize"] = args.resize
+        mine = [word for flag, n in sizes.items() for word in (flag, str(n))]
+        subprocess.run([sys.executable, "-m", "bench.prep", *mine, "--runs-in", tmp], check=True)
+        measured = json.loads((root / "runs.json").read_text())
+        rates = {name: Rate(**rate) for name, rate in measured["rates"].items()}
+        mb, half = measured["mb"], SIZE[1] // 2
+        shards, small = root / "img2dataset", root / "small"
         decoded = {
             "original": decode_rate(shards / "manifest.json", args.decode),
             "256": decode_rate(small / "manifest.json", args.decode),
@@ -301,7 +330,6 @@ def main() -> None:
             / 2**10
         )
         small_kb /= samples_in(small) or 1
-    rates.update(resized)
     load = (load_before, os.getloadavg()[0])
 
     def ratio(name: str, a: str, b: str, bound: float) -> Target:

@@ -13,8 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_prep.cli import main as prep
-from plumbing.config import ConfigError, load_config, walk_schema
+from data_prep.config import PrepConfig
+from plumbing.config import ConfigError, _from_flags, _load, load_config, walk_schema
 from plumbing.errors import UserError
+from retrieval.config import RetrievalConfig
 from sampler.config import SampleConfig
 from sampler.prompts import Defaults, read_prompts
 from tests.formats import FlickrFixture, cifar_batches, write_cifar_folder, write_cifar_tarball
@@ -61,6 +63,51 @@ def test_any_override_is_accepted_or_refused_in_one_line(key: str, value: str, s
         load_config(schema, None, [*base, f"{key}={value}"])
     except ConfigError as err:
         one_line(err)
+
+
+BASES = {
+    PrepConfig: {"dataset": "index", "out": "o", "index.shards": ["a/{0..3}.tar"], "progress": False},
+    RetrievalConfig: {"mode": "caption", "export": "e", "out_dir": "o", "images": ["p/"], "bank": "b.txt"},
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    schema=st.sampled_from([PrepConfig, RetrievalConfig]),
+    data=st.data(),
+    value=st.one_of(
+        st.text(max_size=8),
+        st.integers(-3, 2000),
+        st.booleans(),
+        st.floats(0, 2),
+        st.lists(st.text(max_size=6), max_size=3),
+        st.sampled_from(["???", "${X}", "\\${Y}", "csv", "index", "val", "1"]),
+    ),
+)
+def test_flags_build_the_config_omegaconf_builds(schema: type, data: st.DataObject, value: object) -> None:
+    """The command-line options' quick path (no YAML, no overrides) gives exactly the config OmegaConf
+    gives, or leaves it to OmegaConf (which converts or refuses in one line)."""
+    keys = sorted(
+        f"{prefix}.{name}" if prefix else name
+        for prefix, cls in walk_schema(schema)
+        for name in cls.__dataclass_fields__
+    )
+    key = data.draw(st.one_of(st.sampled_from(keys), st.sampled_from(["nope", "index.nope", "shards"])))
+    flags = {**BASES[schema], key: value}
+    quick = _from_flags(schema, flags)
+    if quick is not None:
+        assert quick == _load(schema, None, (), flags)
+    else:
+        try:
+            load_config(schema, None, (), flags)
+        except ConfigError as err:
+            one_line(err)
+
+
+def test_typed_options_take_the_quick_path() -> None:
+    for schema, flags in BASES.items():
+        quick = _from_flags(schema, flags)
+        assert quick is not None and quick == _load(schema, None, (), flags)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
