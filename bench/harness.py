@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,7 +58,10 @@ class TrainerLoop:
         monitor = Monitor(run.root / name, True, device, cfg.run.log_every, plan.total, 0)
         monitor.bar.disable = True
         evaluator = Evaluator(cfg.eval, self.task, list)
-        watchdog = Watchdog(cfg.watchdog, 0)  # armed twice a micro-step, as in a real run
+        # armed twice a micro-step, as in a real run, with a limit no turn reaches: a bench's runners take
+        # turns, and one waiting for its next turn on a loaded machine is not hung
+        day = dataclasses.replace(cfg.watchdog, step_s=86400.0, startup_s=86400.0)
+        watchdog = Watchdog(day, 0)
         parts = Parts(self.task, InMemory([]), engine, ckpt, evaluator, monitor, watchdog)  # type: ignore[arg-type]
         self.loop = Loop(cfg, plan, parts, TrainState.of(plan.layout), 0)
 
