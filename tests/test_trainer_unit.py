@@ -256,3 +256,43 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_complete_ones
     ):
         keeper.save(None, checkpoint.TrainState(step=2), {}, [], {})  # type: ignore[arg-type]
     assert keeper.complete() == [done]
+
+
+def test_zero_grad_norm_vectorised_equals_deepspeeds_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ZeRO 1-2's gradient norm in one foreach kernel (`vectorise_zero_grad_norm`) gives DeepSpeed's own
+    per-tensor loop's number bit for bit, padding left out, and its -1 for a non-finite norm; a
+    DeepSpeed version it was not read against keeps the loop. One rank: the all-reduce is the identity."""
+    from types import SimpleNamespace
+
+    import deepspeed
+    from deepspeed.runtime.zero import stage_1_and_2 as zero
+
+    from trainer import engine as engine_module
+
+    optimizer = zero.DeepSpeedZeroOptimizer
+    monkeypatch.setattr(optimizer, "get_grad_norm_direct", optimizer.get_grad_norm_direct)  # restored after
+    monkeypatch.setattr(zero.dist, "all_reduce", lambda *args, **kwargs: None)
+    loop = optimizer.get_grad_norm_direct
+    fake = SimpleNamespace(
+        model_parallel_rank=0,
+        dp_process_group=None,
+        device="cpu",
+        _model_parallel_all_reduce=lambda **kw: None,
+    )
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (7, 300, 1)]
+    grads = [torch.randn(p.numel(), generator=g) * 10**i for i, p in enumerate(params)]
+    pad = torch.ones(5)
+    pad._zero_padding = True  # type: ignore[attr-defined]
+
+    read = deepspeed.__version__
+    monkeypatch.setattr(deepspeed, "__version__", "0.0.0")
+    assert not engine_module.vectorise_zero_grad_norm() and optimizer.get_grad_norm_direct is loop
+    monkeypatch.setattr(deepspeed, "__version__", read)
+    assert engine_module.vectorise_zero_grad_norm()
+    vectorised = optimizer.get_grad_norm_direct
+    assert vectorised is not loop
+    for case in (grads + [pad], [grads[0], torch.full((3,), float("nan")), grads[2]]):
+        expected, got = loop(fake, case, params), vectorised(fake, case, params)
+        assert got.dtype == expected.dtype and got.item() == expected.item()
+    assert vectorised(fake, [torch.full((3,), float("inf"))], params[:1]).item() == -1.0

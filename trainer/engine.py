@@ -355,6 +355,8 @@ def build_engine(
         config=config,
         dist_init_required=False,
     )
+    if ds.zero_stage in (1, 2):
+        vectorise_zero_grad_norm()
     if ds.zero_stage == 0 and sizes.world == 1:
         # One rank has nothing to average, yet ZeRO-0 would flatten, all-reduce, divide and copy back
         # every gradient each step (12 % of a CPU step of the tiny CLIP, by py-spy).
@@ -364,6 +366,55 @@ def build_engine(
             f"DeepSpeed batch {engine.train_batch_size()} differs from the planned {sizes.global_batch}"
         )
     return engine
+
+
+# The DeepSpeed versions whose `get_grad_norm_direct` (runtime/zero/stage_1_and_2.py) was read for
+# `vectorise_zero_grad_norm`; another version keeps its own.
+ZERO_NORM_READ = ("0.19.7",)
+
+
+def vectorise_zero_grad_norm() -> bool:
+    """ZeRO 1-2's gradient norm (for clipping and `train/grad_norm`) with one foreach kernel instead of
+    DeepSpeed's Python loop of a `vector_norm` and a `.to()` per tensor: in DeepSpeed 0.19.7,
+    runtime/zero/stage_1_and_2.py `get_grad_norm_direct` (lines 2149-2202), called by
+    `scaled_global_norm` (2423) for each group's partition at every step. The same arithmetic
+    (each norm in `get_norm_dtype()`, fp64 where the device has it; their squares summed, all-reduced
+    over the data-parallel group, square-rooted; -1 for a non-finite norm), for the plain
+    data-parallel case; anything else (another norm, model or pipeline parallelism) and other
+    DeepSpeed versions keep DeepSpeed's loop. Returns whether the patch is in place."""
+    deepspeed = _deepspeed()
+    from deepspeed.runtime.zero import stage_1_and_2 as zero
+
+    optimizer = zero.DeepSpeedZeroOptimizer
+    if getattr(optimizer.get_grad_norm_direct, "vectorised", False):
+        return True
+    if deepspeed.__version__ not in ZERO_NORM_READ:
+        log.info("DeepSpeed %s: ZeRO 1-2 keep their per-tensor gradient norm", deepspeed.__version__)
+        return False
+    original = optimizer.get_grad_norm_direct
+
+    def get_grad_norm_direct(
+        self: Any, gradients: list[torch.Tensor], params: list[Any], norm_type: float = 2
+    ) -> Any:
+        replicated = any(getattr(p, zero.PIPE_REPLICATED, False) for p in params)
+        if float(norm_type) != 2.0 or self.model_parallel_rank != 0 or replicated:
+            return original(self, gradients, params, norm_type)
+        # as DeepSpeed's zip(param_gradients, params): padding left out, one gradient per parameter
+        grads = [g.detach() for g in gradients if not getattr(g, "_zero_padding", False)][: len(params)]
+        if grads:
+            norms = torch._foreach_norm(grads, 2.0, dtype=zero.get_norm_dtype())
+            total = torch.stack(norms).pow(2.0).sum().float()
+        else:
+            total = torch.tensor(0.0, dtype=torch.float32).to(self.device)
+        zero.dist.all_reduce(total, op=zero.dist.ReduceOp.SUM, group=self.dp_process_group)
+        self._model_parallel_all_reduce(tensor=total, op=zero.dist.ReduceOp.SUM)
+        total = total.pow(0.5)
+        zero.mask_nan_or_inf_with_val_inplace(total, device=self.device)
+        return total
+
+    get_grad_norm_direct.vectorised = True  # type: ignore[attr-defined]
+    optimizer.get_grad_norm_direct = get_grad_norm_direct
+    return True
 
 
 def device_skippable(engine: Engine) -> torch.optim.Optimizer | None:
