@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import pickle
-import resource
 import shutil
 import signal
 import subprocess
@@ -426,11 +425,12 @@ def test_sampler_disk_full_is_one_line_and_nothing_incomplete_is_listed(tmp_path
     out = tmp_path / "out"
     args = [PY, "-m", "sampler", *sampler_args(model, out, "steps=2", f"prompts=[{prompts}]", "batch_size=1")]
 
-    def small_disk() -> None:  # a file-size limit: writes past 1 KiB fail with EFBIG, as on a full disk
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
-
+    # a file-size limit: writes past 1 KiB fail with EFBIG, as on a full disk. Set in a fresh process
+    # that then execs the sampler, not in a preexec_fn: Python code between fork and exec of this
+    # threaded test process can crash the child (subprocess's docs; it did, once in CI)
+    small_disk = "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)); os.execv(sys.argv[1], sys.argv[1:])"
     proc = subprocess.run(
-        args, env=env(), cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk, timeout=300
+        [PY, "-c", small_disk, *args], env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
