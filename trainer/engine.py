@@ -413,6 +413,7 @@ def vectorise_zero_grad_norm() -> bool:
         return total
 
     get_grad_norm_direct.vectorised = True  # type: ignore[attr-defined]
+    get_grad_norm_direct.original = original  # type: ignore[attr-defined]
     optimizer.get_grad_norm_direct = get_grad_norm_direct
     return True
 
