@@ -123,6 +123,7 @@ class _Window:
 
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.sha = f, hashlib.sha256()
+        self.readinto = getattr(f, "readinto", None)
         self.buf = bytearray(2 * _CHUNK)
         self.view = memoryview(self.buf)
         self.base, self.hi, self.size = 0, 0, 0  # buf[:hi] is bytes [base, base + hi) of the file
@@ -154,9 +155,8 @@ class _Window:
         return bytes(self.view[start : min(start + n, self.hi)]) if start < self.hi else b""
 
     def _read(self, into: memoryview) -> int:
-        readinto = getattr(self.f, "readinto", None)
-        if readinto is not None:
-            return readinto(into) or 0
+        if self.readinto is not None:
+            return self.readinto(into) or 0
         data = self.f.read(len(into))  # a remote stream (core.remote): its own chunks, copied once
         into[: len(data)] = data
         return len(data)
@@ -186,71 +186,75 @@ def _walk_headers(f: BinaryIO) -> tuple[list[Group], str, int]:
     global PAX headers, base-256 sizes, odd checksums, a truncated end, a duplicate member).
 
     Each header is read where it lies in the buffer (one struct unpack, no copy of its 512 bytes):
-    per member, Python's work is what costs here, next to sha256's. The numeric fields a sample does
-    not need (mode, uid, gid, mtime, device numbers) are not parsed: one that tarfile cannot parse,
-    under a checksum that matches, ends tarfile's reading there and not this walk's."""
+    per member, Python's work is what costs here, next to sha256's, so the common member (a regular
+    file, its size and checksum as tarfile's writer writes them) takes the fewest steps. The numeric
+    fields a sample does not need (mode, uid, gid, mtime, device numbers) are not parsed: one that
+    tarfile cannot parse, under a checksum that matches, ends tarfile's reading there and not this
+    walk's."""
     window = _Window(f)
-    buf, view = window.buf, window.view
+    buf, view, base, hi = window.buf, window.view, window.base, window.hi
+    unpack, sums = _HEADER.unpack_from, _CHECKSUMS
     groups: list[Group] = []
     current, members = None, {}  # the last sample's key and members
     long_name, pax_path = "", ""
     at = 0
     while True:
-        o = at - window.base
-        if o + 512 > window.hi:
+        o = at - base
+        if o + 512 > hi:
             o = window.reach(at, 512)
-            buf, view = window.buf, window.view  # a member bigger than a chunk grows the buffer
-            if o + 512 > window.hi:
-                if o >= window.hi:
+            buf, view, base, hi = window.buf, window.view, window.base, window.hi
+            if o + 512 > hi:
+                if o >= hi:
                     break  # tarfile: no more headers is the end of the archive
                 raise _NotPlain("not a plain tar")
-        raw_name, raw_size, field, kind = _HEADER.unpack_from(buf, o)
-        # The header's byte sum, its checksum field left out, from Adler-32's first half (RFC 1950
-        # §8.2: 1 + the byte sum, mod 65521: exact for 256 bytes, at most 65,280): a quarter of the
-        # time of sum() over the block without its zeros, the biggest part of a header's cost here.
-        total = (
-            (adler32(buf[o : o + 256]) & 0xFFFF) + (adler32(buf[o + 256 : o + 512]) & 0xFFFF) - 2 - sum(field)
-        )
-        if not total and field == _NO_CHECKSUM:
-            break  # tarfile: a zero block is the end of the archive
-        if buf[o] == 0x1F and buf[o + 1] == 0x8B:
-            raise _NotPlain("not a plain tar")
-        # tarfile's own writer and data_prep's write "%06o\0 " (Lib/tarfile.py: _create_header): a
-        # match is that value; anything else is read the way tarfile reads it.
-        if (
-            field != b"%06o\0 " % (_CHECKSUM_BASE + total)
-            and int(field.split(b"\0", 1)[0].strip() or b"-1", 8) != _CHECKSUM_BASE + total
-        ):
-            raise _NotPlain("checksum")
-        if buf[o + 124] & 0x80:
-            raise _NotPlain("base-256 size")
-        length = int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8)
-        data_at, at = at + 512, at + 512 + -(-length // 512) * 512
-        if kind in (b"L", b"x"):
-            data = window.take(data_at, length)
-            buf, view = window.buf, window.view
-            if len(data) != length:
-                raise _NotPlain("truncated")
-            if kind == b"L":
-                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            else:
-                pax_path = _pax_path(data)
-            continue
-        regular = kind == b"0" or kind == b"\0"
-        if not regular and (kind not in (b"5", b"1", b"2") or length):
-            raise _NotPlain(f"member type {kind!r}")
+        raw_name, raw_size, field, kind = unpack(buf, o)
+        # The header's byte sum from Adler-32's first half (RFC 1950 §8.2: 1 + the byte sum, mod 65521:
+        # exact for 256 bytes, at most 65,280), against what its checksum field says the sum is: a
+        # quarter of the time of sum() over the block, the biggest part of a header's cost here.
+        total = (adler32(view[o : o + 256]) & 0xFFFF) + (adler32(view[o + 256 : o + 512]) & 0xFFFF) - 2
+        expected = sums.get(field)
+        if expected is None:
+            expected = _checksum_sum(field)
+            if len(sums) < 1 << 17:  # every valid one is below 131,072: a bound for odd files
+                sums[field] = expected
+        if total != expected:
+            if field == _NO_CHECKSUM and not total:
+                break  # tarfile: a zero block is the end of the archive
+            raise _NotPlain("not a plain tar" if at == 0 and buf[o : o + 2] == b"\x1f\x8b" else "checksum")
+        try:  # tarfile's writer: 11 octal digits and a NUL
+            length = int(raw_size[:11], 8) if raw_size[11] == 0 else _size(buf, o)
+        except ValueError:
+            length = _size(buf, o)
+        data_at = at + 512
+        at = data_at + ((length + 511) & -512)
+        if kind != b"0" and kind != b"\0":
+            if kind == b"L" or kind == b"x":
+                data = window.take(data_at, length)
+                buf, view, base, hi = window.buf, window.view, window.base, window.hi
+                if len(data) != length:
+                    raise _NotPlain("truncated")
+                if kind == b"L":
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                else:
+                    pax_path = _pax_path(data)
+                continue
+            if kind not in (b"5", b"1", b"2") or length:
+                raise _NotPlain(f"member type {kind!r}")
+            long_name = pax_path = ""
+            continue  # not a regular file: webdataset skips it
         name = raw_name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         if buf[o + 345]:
             prefix = bytes(view[o + 345 : o + 500]).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             name = f"{prefix}/{name}" if prefix else name
-        name = pax_path or long_name or name
-        long_name = pax_path = ""
-        if not regular or name.endswith("/"):
-            continue  # not a regular file: webdataset skips it
+        if pax_path or long_name:
+            name = pax_path or long_name
+            long_name = pax_path = ""
         dot = name.find(".")
         if dot > 0 and "/" not in name and not name.startswith("__"):
             key, suffix = name[:dot], name[dot + 1 :].lower()  # what the two patterns give a plain name
         else:
+            if name.endswith("/"):
+                continue  # a directory: webdataset skips it
             if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name):
                 continue
             match = _KEY.match(name)
@@ -259,12 +263,12 @@ def _walk_headers(f: BinaryIO) -> tuple[list[Group], str, int]:
             key, suffix = match.group(1), match.group(2).lower()
         value = b""
         if suffix in _KEEP:
-            start = data_at - window.base
-            if start + length <= window.hi:  # in the chunk in hand (nearly always)
+            start = data_at - base
+            if start + length <= hi:  # in the chunk in hand (nearly always)
                 value = bytes(buf[start : start + length])
             else:
                 value = window.take(data_at, length)
-                buf, view = window.buf, window.view
+                buf, view, base, hi = window.buf, window.view, window.base, window.hi
                 if len(value) != length:
                     raise _NotPlain("truncated")
         if key != current:
@@ -278,6 +282,27 @@ def _walk_headers(f: BinaryIO) -> tuple[list[Group], str, int]:
         raise _NotPlain("truncated")
     digest, size = window.finish()
     return groups, digest, size
+
+
+_CHECKSUMS: dict[bytes, int] = {}  # a checksum field → the byte sum of a header that has it (a cache)
+
+
+def _checksum_sum(field: bytes) -> int:
+    """The byte sum of the whole 512-byte block, its checksum field included as written, that makes
+    `field` the right checksum (tarfile's nti: octal up to the first NUL, spaces stripped; the sum
+    counts the field's own 8 bytes as spaces), or -1 for a field that does not parse."""
+    try:
+        value = int(field.split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return -1
+    return value - _CHECKSUM_BASE + sum(field) if value >= 0 else -1
+
+
+def _size(buf: bytearray, o: int) -> int:
+    """A header's size field the way tarfile reads it (nti); base-256 sizes are left to webdataset."""
+    if buf[o + 124] & 0x80:
+        raise _NotPlain("base-256 size")
+    return int(bytes(buf[o + 124 : o + 136]).split(b"\0", 1)[0].strip() or b"0", 8)
 
 
 def _pax_path(data: bytes) -> str:
@@ -297,7 +322,7 @@ def _pax_path(data: bytes) -> str:
 
 
 def _sample_problem(sample: dict[str, bytes]) -> tuple[str, str] | None:
-    if not any(k in sample for k in IMAGE_KEYS):
+    if "jpg" not in sample and not any(k in sample for k in IMAGE_KEYS):
         members = ", ".join(sample)
         return NO_IMAGE, f"no jpg/png/webp member (has {members}): the trainer skips it"
     try:

@@ -297,3 +297,35 @@ def test_jpegs_decoded_on_the_device_give_the_workers_pixels_within_tolerance() 
             assert diff.mean() < 0.5 and np.percentile(diff.numpy(), 99) <= 2, (side, i, diff.mean())
         assert torch.equal(pixels[4], pixels[0]) and torch.equal(batch["input_ids"][4], batch["input_ids"][0])
         assert batch["skipped"] == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"captions": ["a", "b"], "url": "x"}',
+        b' {"a": 1}\n',
+        b'\xef\xbb\xbf{"a": 1}',
+        '{"a": "é"}'.encode("utf-16"),
+        b'"\xed\xa0\x80"',
+        b"NaN",
+        b'{"a": ',
+        b'{"a": 1} trailing',
+        b'{"a": 1}{"b": 2}',
+        b"",
+        b"\xff\xfe\x00",
+    ],
+)
+def test_a_json_member_reads_as_json_loads_reads_it(data: bytes) -> None:
+    """core.shards.json_member: json.loads's value or its error, for every input (its fast path takes
+    only what the C scanner reads whole)."""
+    from core.shards import json_member
+
+    try:
+        want: object = ("value", repr(json.loads(data)))
+    except ValueError as err:
+        want = ("error", type(err))
+    try:
+        got: object = ("value", repr(json_member(data)))
+    except ValueError as err:
+        got = ("error", type(err))
+    assert got == want
