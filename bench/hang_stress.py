@@ -1,7 +1,7 @@
 """Benchmark: does the contrastive step's mix of collectives ever hang? Two CPU ranks run the trainer's own
 loop at full speed until a rank's watchdog fires or the rounds are done.
 
-    python -m bench.hang_stress [--rounds 12000] [--mode collectives|loaders] [--batch 8] [--out FILE]
+    python -m bench.hang_stress [--rounds 12000] [--mode collectives|loaders] [--loader-start forkserver|fork] [--out FILE]
     python -m bench.hang_stress --mode demo --runs 5 [--append]
 
 A round is one micro-step of `trainer.loop.Loop` with the demo's Flickr8k config (tiny CLIP, contrastive,
@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +61,23 @@ class Served(IterableDataset):
 
 
 class Source:
-    """The loop's data: the same batches every epoch, in memory or through a freshly forked loader."""
+    """The loop's data: the same batches every epoch, in memory or through a fresh loader worker per
+    epoch, started as the trainer starts them (from the rank's fork server, trainer.data.loader_server)
+    or, `--loader-start fork`, forked from the rank itself as before that server (the suspect)."""
 
-    def __init__(self, batches: list[dict[str, Any]], loaders: bool) -> None:
+    def __init__(self, batches: list[dict[str, Any]], loaders: bool, start: str) -> None:
+        from trainer.data import loader_server
+
         self.batches, self.loaders = batches, loaders
+        # bench.hang_stress's Served, not __main__'s: a worker from the server unpickles it by name
+        self.served = import_module("bench.hang_stress").Served
+        self.server = loader_server(1, self.served([])) if loaders and start == "forkserver" else None
 
     def epoch(self, epoch: int, start: int) -> Any:
         from trainer.data import batches_of, loader
 
         if self.loaders:
-            return batches_of(loader(Served(self.batches[start:]), 1, False))
+            return batches_of(loader(self.served(self.batches[start:]), 1, False, self.server))
         return (b for b in self.batches[start:])
 
 
@@ -155,7 +163,7 @@ def worker(args: argparse.Namespace) -> None:
     watchdog = Watchdog(WatchdogConfig(step_s=args.stall, step_factor=1000), info.rank)
     parts = Parts(
         task,
-        Source(batches, args.mode == "loaders"),  # type: ignore[arg-type]
+        Source(batches, args.mode == "loaders", args.loader_start),  # type: ignore[arg-type]
         engine,
         Checkpointer(cfg.checkpoint, run_dir / "checkpoints", info),
         Evaluator(cfg.eval, task, list),
@@ -312,6 +320,12 @@ def main() -> None:
     parser.add_argument(
         "--epoch", type=int, default=8, help="rounds per epoch (per loader, in --mode loaders)"
     )
+    parser.add_argument(
+        "--loader-start",
+        choices=["forkserver", "fork"],
+        default="forkserver",
+        help="--mode loaders: start each worker from the rank's fork server (the trainer's way) or fork the rank",
+    )
     parser.add_argument("--ranks", type=int, default=2, help="ranks (1: one core, no collective)")
     parser.add_argument("--stage", type=int, default=0, help="ZeRO stage (the demo's Flickr8k config: 0)")
     parser.add_argument(
@@ -382,6 +396,7 @@ def main() -> None:
         "stderr_after_hang": after_hang,
         "native_stacks": native,
         "mode": args.mode,
+        "start": args.loader_start if args.mode == "loaders" else None,
         "shm_all_reduce_calls": shm,
     }
     name = f"hang_stress-{args.mode}-{slug(machine()['cpu'])}"

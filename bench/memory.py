@@ -124,7 +124,8 @@ def planned(shape: Shape, stage: int, manifest: Path, run_dir: Path) -> tuple[bo
 
 class Poller:
     """From outside, every 0.2 s: each rank's peak resident set (the processes torchrun starts), and
-    each of their loader workers' own memory (USS: the pages a forked worker does not share)."""
+    the own memory (USS: the pages a forked process does not share) of each of their helper processes:
+    the loader workers, the fork server they start from, multiprocessing's resource tracker."""
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
@@ -138,14 +139,14 @@ class Poller:
         while not self.done.is_set():
             for rank in self._children(self.root):
                 self._max(self.peaks, rank, lambda p: p.memory_info().rss)
-                for worker in self._children(rank):
-                    self._max(self.workers, worker, lambda p: p.memory_full_info().uss)
+                for helper in self._children(rank, recursive=True):
+                    self._max(self.workers, helper, lambda p: p.memory_full_info().uss)
             time.sleep(0.2)
 
     @staticmethod
-    def _children(p: psutil.Process) -> list[psutil.Process]:
+    def _children(p: psutil.Process, recursive: bool = False) -> list[psutil.Process]:
         try:
-            return p.children()
+            return p.children(recursive=recursive)
         except psutil.Error:
             return []
 
@@ -307,7 +308,9 @@ def summary(rows: dict[str, dict[str, Any]]) -> tuple[str, list[Target]]:
         targets.append(Target(f"{name} checkpoint, export / training peak", worst, 1.1, at_least=False))
     workers = [w for row in rows.values() for w in row.get("worker_uss_peaks", [])]
     if workers:
-        lines.append(f"loader workers' own memory (USS), largest: {max(workers) / MiB:.0f} MiB")
+        lines.append(
+            f"helper processes' own memory (USS: loader workers, their fork server), largest: {max(workers) / MiB:.0f} MiB"
+        )
     big = {stage: rows.get(f"vit-l-14:{stage}", {}).get("summary") for stage in (0, 2, 3)}
     together = len({rows[f"vit-l-14:{s}"]["date"] for s in (0, 2, 3) if big[s]}) == 1
     if all(big.values()) and together:  # the baseline measured in the same invocation

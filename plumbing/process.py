@@ -47,3 +47,27 @@ def die_with_parent(parent: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the line above: nothing will signal us
         os._exit(1)
+
+
+def helper_server(modules: list[str]) -> int:
+    """Start this process's fork server (multiprocessing's "forkserver"), with `modules` imported in it,
+    and return its pid: the parent of the helper processes (loader workers) started from it after.
+
+    Forked from the fork server, a helper holds none of this process's memory or state: not the model
+    and optimizer pages a fork copy-on-write keeps alive in every loader worker as the rank updates
+    them (933 MiB per worker at ViT-L/14 shapes, bench/memory.py), and not a lock another thread held
+    at the moment of a fork (a worker that hangs as it starts: docs/RELIABILITY.md). It is started
+    with SIGTERM and SIGUSR1 blocked, a mask the server and every helper inherit: Slurm signals every
+    process of a step, and the trainer, not its helpers, answers (see `trainer.data`). The resource
+    tracker is started first: starting it unblocks SIGTERM in the caller (Lib/multiprocessing/
+    resource_tracker.py, ensure_running), which the mask must outlast."""
+    from multiprocessing import forkserver, get_context, resource_tracker
+
+    get_context("forkserver").set_forkserver_preload(modules)
+    resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        forkserver.ensure_running()  # a fork and exec: the server imports `modules` on its own
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]  # no public accessor (3.11–3.13)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -85,15 +86,15 @@ def test_sigkill_of_one_rank_fails_fast_and_a_rerun_finishes_the_job(
     )
     proc = launch(args, tmp_path / "log")
     wait_until(lambda: "step-00000006" in complete(run_dir), 180, "the step-6 checkpoint", proc)
-    worker = next(
-        c for c in psutil.Process(proc.pid).children(recursive=True) if "trainer" in " ".join(c.cmdline())
-    )
+    worker = next(c for c in psutil.Process(proc.pid).children(recursive=True) if "trainer" in c.cmdline())
+    helpers = worker.children(recursive=True)  # its loader workers' fork server, its workers
+    assert loader_workers(worker), "the rank has no loader worker to outlive it"
     killed = time.time()
     worker.send_signal(signal.SIGKILL)
     code = proc.wait(timeout=120)
     assert code != 0 and time.time() - killed < 60, "the job hung after a rank died"
     # the killed rank's loader workers (they ignore SIGTERM) died with it, not reparented to init
-    wait_until(lambda: not left_running(run_dir), 10, "the killed rank's loader workers to end")
+    wait_until(lambda: not left_running(run_dir, helpers), 10, "the killed rank's loader workers to end")
     torchrun(2, args)  # resume=auto
     state = json.loads((run_dir / "checkpoints" / "step-00000030" / "trainer_state.json").read_text())[
         "state"
@@ -104,13 +105,24 @@ def test_sigkill_of_one_rank_fails_fast_and_a_rerun_finishes_the_job(
     )  # every step once (a resumed run purges what followed its checkpoint)
 
 
-def left_running(run_dir: Path) -> list[psutil.Process]:
-    """Processes of a run (trainers, their loader workers: they all carry run.dir on their command line)."""
+def left_running(run_dir: Path, helpers: list[psutil.Process] = ()) -> list[psutil.Process]:
+    """Processes of a run still running: those that carry run.dir on their command line (torchrun,
+    the trainers), and of `helpers` (a rank's descendants, seen earlier: its loader workers' fork
+    server and the workers, forked from it, carry the server's command line)."""
     found = []
     for p in psutil.process_iter(["cmdline", "status"]):
         if str(run_dir) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(p)
+    for p in helpers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
     return found
+
+
+def loader_workers(rank: psutil.Process) -> list[psutil.Process]:
+    """A rank's loader workers: the children of its fork server (trainer.data.loader_server)."""
+    return [c for c in rank.children(recursive=True) if c.ppid() != rank.pid]
 
 
 def trainers(launcher: psutil.Process) -> dict[int, psutil.Process]:
@@ -157,7 +169,8 @@ def test_a_stopped_loader_worker_then_a_stopped_rank_end_in_time_and_torchrun_sh
         start_new_session=True,
     )
     launcher_process = psutil.Process(script.pid)
-    stopped_at = []
+    stopped_at: list[float] = []
+    helpers: list[psutil.Process] = []
     for attempt, victim in enumerate(["loader worker", "rank"]):
         before = complete(run_dir)
         wait_until(
@@ -167,7 +180,8 @@ def test_a_stopped_loader_worker_then_a_stopped_rank_end_in_time_and_torchrun_sh
             script,
         )
         ranks = trainers(launcher_process)
-        process = ranks[1].children()[0] if victim == "loader worker" else ranks[0]
+        helpers += [h for r in ranks.values() for h in r.children(recursive=True)]
+        process = loader_workers(ranks[1])[0] if victim == "loader worker" else ranks[0]
         process.send_signal(signal.SIGSTOP)
         stopped_at.append(time.time())
         wait_until(
@@ -201,7 +215,7 @@ def test_a_stopped_loader_worker_then_a_stopped_rank_end_in_time_and_torchrun_sh
     ]
     assert logged_steps(run_dir) == list(range(1, 3 * 16 + 1))  # to the exact end, each step once
     assert complete(run_dir)[-1] == "step-00000048" and (run_dir / "export" / "finetuner.json").is_file()
-    assert not left_running(run_dir)  # no trainer, no loader worker
+    assert not left_running(run_dir, helpers)  # no trainer, no loader worker
 
 
 def test_sigkill_during_a_checkpoint_save_keeps_the_previous_one(

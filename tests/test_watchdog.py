@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -251,3 +252,39 @@ def test_run_requeued_puts_a_failed_slurm_job_back_at_most_max_restarts_times(tm
     assert job(0) == 0 and job(2) == 2  # finished; bad input is not retried
     assert [job(EXIT_HUNG), job(1), job(EXIT_HUNG)] == [0, 0, EXIT_HUNG]  # requeued twice, then its status
     assert (tmp_path / "calls").read_text().splitlines() == ["requeue 42", "requeue 42"]
+
+
+@pytest.mark.smoke
+def test_loader_workers_start_from_the_ranks_fork_server_quiet_to_stop_signals(tmp_path: Path) -> None:
+    """A rank's loader workers are forked from its fork server, started before the model is built:
+    not from the rank (no copy of its pages, no lock another thread of it held), deaf to the TERM and
+    USR1 Slurm sends the whole step (the rank answers them), and gone when the rank is killed."""
+    script = textwrap.dedent(
+        """
+        import json, os, signal, threading
+        import tests.helpers as helpers
+        from trainer.data import batches_of, loader, loader_server
+        server = loader_server(1, helpers.WhoServes())
+        helpers.BALLAST = bytearray(50 << 20)  # the rank's memory after the server started
+        threading.Thread(target=threading.Event().wait, daemon=True).start()  # a rank has threads
+        got = [b for b in batches_of(loader(helpers.WhoServes(), 1, False, server))]
+        term = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+        print(json.dumps({"server": server, "batches": got, "rank_hears_term": term}), flush=True)
+        threading.Event().wait()
+        """
+    )
+    proc = subprocess.Popen([PY, "-c", script], env=env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        said = json.loads(proc.stdout.readline())
+        family = psutil.Process(proc.pid).children(recursive=True)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert said["rank_hears_term"], "starting the server left the rank deaf to SIGTERM"
+    [batch] = said["batches"]
+    assert batch["ppid"] == said["server"] != proc.pid and batch["term_quiet"] and not batch["has_ballast"]
+    assert any(p.pid == said["server"] for p in family)
+    deadline = time.time() + 10  # the server ends with its rank (its workers with it: PDEATHSIG)
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family):
+        assert time.time() < deadline, "the rank's fork server outlived it"
+        time.sleep(0.05)

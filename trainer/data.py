@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from core.manifest import Manifest
 from core.shards import Shard, cut, decode, read_ranges, split_shards
 from plumbing.config import require
-from plumbing.process import die_with_parent
+from plumbing.process import die_with_parent, helper_server
 from plumbing.seeds import derive_seed
 from plumbing.watchdog import stacks_on_request
 
@@ -389,15 +389,26 @@ def _pad(samples: Iterator[dict[str, Any]], length: int) -> Iterator[dict[str, A
 def _ignore_stop_signals(_worker: int, parent: int = 0) -> None:
     """Slurm signals every process of a step: loader workers leave USR1/TERM to the trainer, which
     finishes its step and checkpoints (workers end with it; killed, they would crash that step).
-    Ignoring TERM, they must die with their rank however it ends (SIGKILL, a watchdog): see
-    plumbing.process.die_with_parent."""
+    Ignoring TERM, they must die with their parent, the rank's fork server, which ends when its rank
+    does however it ends (SIGKILL, a watchdog): see plumbing.process.die_with_parent."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(parent)
     stacks_on_request()  # a worker that stopped delivering shows where, before the watchdog kills it
 
 
-def loader(dataset: IterableDataset, workers: int, pin: bool) -> DataLoader:
+def loader_server(workers: int, *helpers: object) -> int | None:
+    """The rank's fork server for its loader workers (plumbing.process.helper_server), started before
+    the model is built, with this module and those of `helpers` (the task's prep and collate) imported
+    in it; None without workers. A worker starts from it in milliseconds, with the dataset pickled."""
+    if not workers:
+        return None
+    return helper_server(list(dict.fromkeys([__name__, *(type(h).__module__ for h in helpers)])))
+
+
+def loader(dataset: IterableDataset, workers: int, pin: bool, server: int | None = None) -> DataLoader:
+    """`server`: the pid of `loader_server`'s fork server, whose workers are forked from it; without
+    one (a tool, a test), workers are forked from this process."""
     return DataLoader(
         dataset,
         batch_size=None,  # batches are made in the workers, in the planned order
@@ -405,7 +416,8 @@ def loader(dataset: IterableDataset, workers: int, pin: bool) -> DataLoader:
         pin_memory=pin,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
-        worker_init_fn=partial(_ignore_stop_signals, parent=os.getpid()) if workers else None,
+        multiprocessing_context="forkserver" if workers and server else None,
+        worker_init_fn=partial(_ignore_stop_signals, parent=server or os.getpid()) if workers else None,
     )
 
 
@@ -424,10 +436,11 @@ class TrainData:
         collate: Collate,
         pin: bool,
         rest: Rest | None = None,
+        server: int | None = None,
     ) -> None:
         self.cfg, self.manifest, self.layout, self.micro_per_epoch = cfg, manifest, layout, micro_per_epoch
         self.rank, self.seed, self.prep, self.collate, self.pin = rank, seed, prep, collate, pin
-        self.rest = rest
+        self.rest, self.server = rest, server
 
     @classmethod
     def of(
@@ -443,9 +456,13 @@ class TrainData:
         rest: Rest | None = None,
     ) -> TrainData:
         """Rank `rank`'s data as the plan lays it out (`rest`: what is left of a resumed epoch that
-        earlier legs read in part), preprocessed and batched by `task`."""
+        earlier legs read in part), preprocessed and batched by `task`; its loader workers' fork
+        server started (before the model is built: see `loader_server`)."""
         pin = device.startswith("cuda")
-        return cls(cfg, manifest, layout, micro_per_epoch, rank, seed, task.prep, task.collate, pin, rest)
+        server = loader_server(cfg.workers, task.prep, task.collate)
+        return cls(
+            cfg, manifest, layout, micro_per_epoch, rank, seed, task.prep, task.collate, pin, rest, server
+        )
 
     def epoch(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
         """The micro-batches of `epoch` from number `start` on (those before were trained already)."""
@@ -467,14 +484,14 @@ class TrainData:
             rest,
         )
         count = (rest.micro if rest else self.micro_per_epoch) - start
-        return batches_of(loader(dataset, self.cfg.workers, self.pin), max(0, count))
+        return batches_of(loader(dataset, self.cfg.workers, self.pin, self.server), max(0, count))
 
     def eval_batches(self, batch: int) -> Iterator[dict[str, Any]]:
         shards = split_shards(self.manifest, self.cfg.eval_split, verify=self.cfg.verify == "sha256")
         dataset = EvalData(
             shards, self.layout.ranks, self.cfg.workers, self.rank, batch, self.prep, self.collate
         )
-        return batches_of(loader(dataset, self.cfg.workers, self.pin))
+        return batches_of(loader(dataset, self.cfg.workers, self.pin, self.server))
 
 
 def batches_of(data: DataLoader, count: int | None = None) -> Iterator[dict[str, Any]]:
