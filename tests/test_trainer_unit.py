@@ -4,6 +4,7 @@ optimizer groups, the LR schedule, freezing, config errors."""
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -297,3 +298,40 @@ def test_zero_grad_norm_vectorised_equals_deepspeeds_loop(monkeypatch: pytest.Mo
         expected, got = loop(fake, case, params), vectorised(fake, case, params)
         assert got.dtype == expected.dtype and got.item() == expected.item()
     assert vectorised(fake, [torch.full((3,), float("inf"))], params[:1]).item() == -1.0
+
+
+class _Partitions:
+    """Stands for DeepSpeed's GatheredTensor (zero_to_fp32's lazy mode): a shape now, a tensor on
+    `contiguous()`; counts the tensors alive at once."""
+
+    alive: list[int] = [0, 0]  # now, most
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value, self.shape = value, value.shape
+
+    def contiguous(self) -> torch.Tensor:
+        made = self.value.clone()
+        _Partitions.alive[0] += 1
+        _Partitions.alive[1] = max(_Partitions.alive)
+        weakref.finalize(made, lambda: _Partitions.alive.__setitem__(0, _Partitions.alive[0] - 1))
+        return made
+
+
+def test_an_export_loads_the_consolidated_weights_one_tensor_at_a_time() -> None:
+    """The export never holds the consolidated model beside the one it writes: each tensor is made
+    from the partitions when it is copied in, then dropped; shapes are read without making any."""
+    from trainer.engine import Weights, load_weights
+    from trainer.tasks.diffusion.ema import full_ema
+
+    source = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    weights = Weights({f"net.{k}": _Partitions(v) for k, v in source.state_dict().items()})
+    assert weights.under("net.").shape("0.weight") == (3, 4) and _Partitions.alive[1] == 0
+    assert set(full_ema(weights.under("net."), [])) == set() and _Partitions.alive[1] == 0
+    target = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    load_weights(target, weights.under("net."))
+    assert _Partitions.alive[1] == 1
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    with pytest.raises(UserError, match=r"missing \['1.bias'\]"):
+        load_weights(target, {k: v for k, v in source.state_dict().items() if k != "1.bias"})
+    with pytest.raises(UserError, match="unexpected"):
+        load_weights(target, {**source.state_dict(), "extra": torch.zeros(1)})

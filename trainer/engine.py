@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -532,29 +532,88 @@ def _reapply_schedule(engine: Engine) -> None:
         scheduler.step()  # the public way to set every group's rate (and the scheduler's record of it)
 
 
-def consolidated_state_dict(
-    checkpoint: Path, groups: list[list[str]] | None = None
-) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of the model from a checkpoint of any ZeRO stage. `groups` (the
-    optimizer groups' parameter names, kept in trainer_state.json) finds the fp32 masters that
-    stage 0 with bf16/fp16 keeps inside its optimizer state."""
+class Weights(Mapping[str, torch.Tensor]):
+    """A checkpoint's consolidated fp32 weights, each tensor made when it is asked for and not kept:
+    an export copies them into its model one at a time (`load_weights`) and never holds a second
+    whole model beside it (at SD v1's U-Net, 3.4 GB fp32: the export ran out of memory on a 24 GiB
+    node that trained it under ZeRO-3, bench/memory.py). Under ZeRO 1–3 a tensor is joined from the
+    ranks' partitions of the fp32 masters, which DeepSpeed reads memory-mapped (zero_to_fp32.py,
+    `lazy_mode`: its GatheredTensor)."""
+
+    def __init__(self, made: Mapping[str, Any], prefix: str = "") -> None:
+        if isinstance(made, Weights):  # a view of a view: of the same tensors, still unmade
+            made, prefix = made.made, made.prefix + prefix
+        self.made, self.prefix = made, prefix
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self.made[self.prefix + name]
+        return (value if isinstance(value, torch.Tensor) else value.contiguous()).float()
+
+    def __iter__(self) -> Iterator[str]:
+        n = len(self.prefix)
+        return (k[n:] for k in self.made if k.startswith(self.prefix))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def under(self, prefix: str) -> Weights:
+        """The weights whose names start with `prefix`, named without it."""
+        return Weights(self.made, self.prefix + prefix)
+
+    def shape(self, name: str) -> torch.Size:
+        """A tensor's shape, without making it."""
+        return torch.Size(self.made[self.prefix + name].shape)
+
+
+def load_weights(
+    module: torch.nn.Module, weights: Mapping[str, torch.Tensor], optional: tuple[str, ...] = ()
+) -> None:
+    """Copy `weights` into `module`'s parameters and persistent buffers of the same names, one tensor
+    at a time (what `load_state_dict` does, without first making every tensor of a lazy mapping);
+    a name missing on either side (but those in `optional`) is one line."""
+    own = module.state_dict(keep_vars=True)
+    missing = [k for k in own if k not in weights and k not in optional]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        raise UserError(
+            f"the checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for name in weights:
+            target, value = own[name], weights[name]
+            if target.shape != value.shape:
+                raise UserError(
+                    f"the checkpoint's {name} is {tuple(value.shape)}, the model's {tuple(target.shape)}"
+                )
+            target.copy_(value)
+            del value  # before the next is made: one at a time
+
+
+def consolidated_state_dict(checkpoint: Path, groups: list[list[str]] | None = None) -> Weights:
+    """The full fp32 weights of the model from a checkpoint of any ZeRO stage, made one tensor at a
+    time as they are read (`Weights`). `groups` (the optimizer groups' parameter names, kept in
+    trainer_state.json) finds the fp32 masters that stage 0 with bf16/fp16 keeps inside its
+    optimizer state."""
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        return _consolidate(checkpoint, groups)  # zero_to_fp32 prints every tensor group it reassembles
+        return Weights(_consolidate(checkpoint, groups))  # zero_to_fp32 prints every group it reassembles
 
 
-def _consolidate(checkpoint: Path, groups: list[list[str]] | None) -> dict[str, torch.Tensor]:
+def _consolidate(checkpoint: Path, groups: list[list[str]] | None) -> Mapping[str, Any]:
     _deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    # ZeRO 1-3 (bf16 too) keep the fp32 master weights in per-rank partitions: reassemble them.
+    # ZeRO 1-3 (bf16 too) keep the fp32 master weights in per-rank partitions: joined when read.
     if any("zero_pp_rank" in p.name for p in checkpoint.iterdir()):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-        return {k: v.float() for k, v in state.items()}
+        return get_fp32_state_dict_from_zero_checkpoint(
+            str(checkpoint.parent), tag=checkpoint.name, lazy_mode=True
+        )
     model_file = checkpoint / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise UserError(f"{checkpoint}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
-    saved = torch.load(model_file, map_location="cpu", weights_only=True)  # tensors and plain data only
-    state = {k: v.float() for k, v in saved["module"].items()}
+    saved = torch.load(
+        model_file, map_location="cpu", weights_only=True, mmap=True
+    )  # tensors and plain data only
+    state = dict(saved["module"])
     masters = (
         (saved.get("optimizer") or {}).get("fp32_groups")
         if isinstance(saved.get("optimizer"), dict)
@@ -563,7 +622,7 @@ def _consolidate(checkpoint: Path, groups: list[list[str]] | None) -> dict[str, 
     if masters and groups:  # stage 0 with bf16/fp16: the module holds rounded copies
         for names, tensors in zip(groups, masters, strict=True):
             for name, tensor in zip(names, tensors, strict=True):
-                state[name] = tensor.float().view_as(state[name])
+                state[name] = tensor.view_as(state[name])
     return state
 
 

@@ -26,7 +26,8 @@ holds beside the engine (a frozen VAE, an EMA), and the process itself (`RUNTIME
 peak counts all of them at once (an upper bound: activations are freed while gradients fill). Other
 phases peak on their own: every rank builds the whole model in fp32 before DeepSpeed partitions it
 (no zero.Init: shared/notes/stack-on-cpu.md), ZeRO-1/2 then flatten it into one more copy, and the
-export (after the engine is freed) holds the consolidated weights and the model it writes.
+export (after the engine is freed) holds the model it writes and the checkpoint's fp32 masters it reads
+(memory-mapped), each consolidated tensor made and copied in turn (trainer.engine.Weights).
 """
 
 from __future__ import annotations
@@ -140,7 +141,9 @@ def plan(size: ModelSize, s: Setting, capacity: int, host_capacity: int = 0) -> 
     runtime = rows["runtime"]
     build = 4 * p + 4 * size.beside + (0 if s.cuda else runtime)  # fp32, on the host
     initialize = build + (b * p if s.stage in (1, 2) else 0) + masters
-    export = 3 * 4 * p + runtime  # consolidated weights, the model written, the checkpoint's pages
+    export = (
+        2 * 4 * p + runtime
+    )  # the model written, the checkpoint's fp32 pages read (one tensor made at a time)
     phases = {"train": sum(rows.values())}
     if not s.cuda:
         phases |= {"build": build, "initialize": initialize, "export": export}

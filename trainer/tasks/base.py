@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -70,9 +70,11 @@ class Task(Protocol):
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
     def export(
-        self, weights: dict[str, torch.Tensor], extra: list[dict[str, torch.Tensor]], out: Path
+        self, weights: Mapping[str, torch.Tensor], extra: list[dict[str, torch.Tensor]], out: Path
     ) -> None:
-        """Write the export folder from the consolidated fp32 weights (and every rank's extra state)."""
+        """Write the export folder from the consolidated fp32 weights (and every rank's extra state):
+        a mapping that makes each tensor as it is read (trainer.engine.Weights): load them with
+        trainer.engine.load_weights, one at a time."""
         ...
 
     def exported(self, out: Path) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from plumbing.dist import DistInfo, all_max, all_sum, gather_rows
 from plumbing.errors import UserError
 from trainer.config import TrainConfig
 from trainer.data import pick_caption
-from trainer.engine import Engine
+from trainer.engine import Engine, load_weights
 from trainer.run import RunFolder
 from trainer.tasks.base import Batch, Evaluation, Skeleton
 from trainer.tasks.clip.model import build_finetuner, freeze, model_source, skeleton_model
@@ -118,15 +118,10 @@ class ClipTask:
         pass
 
     def export(
-        self, weights: dict[str, torch.Tensor], extra: list[dict[str, torch.Tensor]], out: Path
+        self, weights: Mapping[str, torch.Tensor], extra: list[dict[str, torch.Tensor]], out: Path
     ) -> None:
         model = build_finetuner(self.model_cfg, self.source)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        missing = [k for k in missing if k != "clip.logit_scale"]  # frozen, 0-dim, set from ours on save
-        if missing or unexpected:
-            raise UserError(
-                f"the checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+        load_weights(model, weights, optional=("clip.logit_scale",))  # frozen, 0-dim, set from ours on save
         model.save_pretrained(out, self.tokenizer, self.processor)
 
     def exported(self, out: Path) -> dict[str, torch.Tensor]:

@@ -5,7 +5,8 @@ the eval prompts."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections import ChainMap
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from plumbing.dist import DistInfo, all_sum
 from plumbing.errors import UserError
 from plumbing.seeds import derive_seed
 from trainer.config import TrainConfig
-from trainer.engine import Engine
+from trainer.engine import Engine, Weights, load_weights
 from trainer.run import RunFolder
 from trainer.tasks.base import Batch, Evaluation, Skeleton
 from trainer.tasks.diffusion.base import DiffusionTask
@@ -258,19 +259,14 @@ class DenoisingTask(DiffusionTask):
         return list(out.images)
 
     def export(
-        self, weights: dict[str, torch.Tensor], extra: list[dict[str, torch.Tensor]], out: Path
+        self, weights: Mapping[str, torch.Tensor], extra: list[dict[str, torch.Tensor]], out: Path
     ) -> None:
         """A complete diffusers folder: model_index.json, unet/ (the EMA weights when EMA is on), vae/,
         text_encoder/ (the one the U-Net was trained with), tokenizer/, scheduler/ (DDIM on the
         training schedule): StableDiffusionPipeline.from_pretrained and the sampler take it as it is."""
         module = self.build()
-        ema = full_ema({k[len("unet.") :]: v for k, v in weights.items() if k.startswith("unet.")}, extra)
-        state = {**weights, **{f"unet.{k}": v for k, v in ema.items()}}
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise UserError(
-                f"the checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+        ema = full_ema(Weights(weights).under("unet."), extra)
+        load_weights(module, ChainMap({f"unet.{k}": v for k, v in ema.items()}, weights))
         # the VAE as loaded (fp32; the training copy may be in bf16)
         self.pipeline(module, self._vae()).save_pretrained(out, safe_serialization=True)
 

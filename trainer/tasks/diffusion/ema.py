@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
-from trainer.engine import Engine
+from trainer.engine import Engine, Weights
 
 
 class Ema:
@@ -69,17 +69,19 @@ class Ema:
 
 
 def full_ema(
-    weights: dict[str, torch.Tensor], extra: list[dict[str, torch.Tensor]]
+    weights: Mapping[str, torch.Tensor], extra: list[dict[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
     """Whole EMA tensors from the checkpoint's extra states: rank 0's whole ones, or every rank's
-    ZeRO-3 partitions joined (each parameter is split evenly over the ranks, padded at the end)."""
+    ZeRO-3 partitions joined (each parameter is split evenly over the ranks, padded at the end).
+    `weights` gives the shapes (read without making its tensors)."""
     out: dict[str, torch.Tensor] = {}
+    shapes = Weights(weights)
     for key in [k for k in (extra[0] if extra else {}) if k.startswith("ema.")]:
-        name, shape = key[4:], weights[key[4:]].shape
+        name, shape = key[4:], shapes.shape(key[4:])
         first = extra[0][key]
         if first.shape == shape:
             out[name] = first
         else:
             flat = torch.cat([e[key].reshape(-1) for e in extra])
-            out[name] = flat[: weights[name].numel()].view(shape)
+            out[name] = flat[: shape.numel()].view(shape)
     return out

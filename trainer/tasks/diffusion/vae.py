@@ -4,7 +4,7 @@ export measures the latents' std for the scaling factor."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from core.shards import decode, read_split
 from plumbing.dist import DistInfo, all_sum
 from plumbing.errors import UserError
 from trainer.config import TrainConfig
-from trainer.engine import Engine
+from trainer.engine import Engine, Weights, load_weights
 from trainer.run import RunFolder
 from trainer.tasks.base import Batch, Evaluation, Skeleton
 from trainer.tasks.diffusion.base import DiffusionTask
@@ -83,12 +83,12 @@ class VaeTask(DiffusionTask):
         return Evaluation(metrics, {"eval/reconstructions": (shown + 1) / 2} if shown is not None else {})
 
     def export(
-        self, weights: dict[str, torch.Tensor], extra: list[dict[str, torch.Tensor]], out: Path
+        self, weights: Mapping[str, torch.Tensor], extra: list[dict[str, torch.Tensor]], out: Path
     ) -> None:
         """vae/: an AutoencoderKL whose scaling_factor is 1 / the std of its latents on the eval split's
         first images (Rombach et al. 2022 §4.3.2: unit-variance latents for the diffusion model)."""
         vae = self._vae()
-        vae.load_state_dict({k[len("vae.") :]: v for k, v in weights.items() if k.startswith("vae.")})
+        load_weights(vae, Weights(weights).under("vae."))
         vae.eval()
         std = latent_std(
             vae, load_manifest(Path(self.train_cfg.data.manifest)), self.train_cfg.data.eval_split, self.side
