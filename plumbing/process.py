@@ -58,16 +58,21 @@ def helper_server(modules: list[str]) -> int:
     them (933 MiB per worker at ViT-L/14 shapes, bench/memory.py), and not a lock another thread held
     at the moment of a fork (a worker that hangs as it starts: docs/RELIABILITY.md). It is started
     with SIGTERM and SIGUSR1 blocked, a mask the server and every helper inherit: Slurm signals every
-    process of a step, and the trainer, not its helpers, answers (see `trainer.data`). The resource
+    process of a step, and the trainer, not its helpers, answers (see `trainer.data`). The server dies
+    with this process (plumbing.server_dies_with_parent), and its helpers with it. The resource
     tracker is started first: starting it unblocks SIGTERM in the caller (Lib/multiprocessing/
     resource_tracker.py, ensure_running), which the mask must outlast."""
     from multiprocessing import forkserver, get_context, resource_tracker
 
-    get_context("forkserver").set_forkserver_preload(modules)
+    from plumbing.server_dies_with_parent import PARENT
+
+    get_context("forkserver").set_forkserver_preload(["plumbing.server_dies_with_parent", *modules])
     resource_tracker.ensure_running()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    os.environ[PARENT] = str(os.getpid())
     try:
         forkserver.ensure_running()  # a fork and exec: the server imports `modules` on its own
     finally:
+        del os.environ[PARENT]
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]  # no public accessor (3.11–3.13)

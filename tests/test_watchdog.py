@@ -268,6 +268,8 @@ def test_loader_workers_start_from_the_ranks_fork_server_quiet_to_stop_signals(t
         helpers.BALLAST = bytearray(50 << 20)  # the rank's memory after the server started
         threading.Thread(target=threading.Event().wait, daemon=True).start()  # a rank has threads
         got = [b for b in batches_of(loader(helpers.WhoServes(), 1, False, server))]
+        live = iter(loader(helpers.WhoServes(), 1, False, server))  # a worker running when the rank is killed
+        next(live)
         term = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
         print(json.dumps({"server": server, "batches": got, "rank_hears_term": term}), flush=True)
         threading.Event().wait()
@@ -284,6 +286,7 @@ def test_loader_workers_start_from_the_ranks_fork_server_quiet_to_stop_signals(t
     [batch] = said["batches"]
     assert batch["ppid"] == said["server"] != proc.pid and batch["term_quiet"] and not batch["has_ballast"]
     assert any(p.pid == said["server"] for p in family)
+    assert len([p for p in family if p.ppid() == said["server"]]) == 1  # the live loader's worker
     deadline = time.time() + 10  # the server ends with its rank (its workers with it: PDEATHSIG)
     while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family):
         assert time.time() < deadline, "the rank's fork server outlived it"
