@@ -549,6 +549,9 @@ class Weights(Mapping[str, torch.Tensor]):
         value = self.made[self.prefix + name]
         return (value if isinstance(value, torch.Tensor) else value.contiguous()).float()
 
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.prefix + name in self.made  # Mapping's own would make it
+
     def __iter__(self) -> Iterator[str]:
         n = len(self.prefix)
         return (k[n:] for k in self.made if k.startswith(self.prefix))
