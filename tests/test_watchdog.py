@@ -279,6 +279,7 @@ def test_loader_workers_start_from_the_ranks_fork_server_quiet_to_stop_signals(t
     try:
         said = json.loads(proc.stdout.readline())
         family = psutil.Process(proc.pid).children(recursive=True)
+        parents = [p.ppid() for p in family]  # read while the rank lives: once it is killed, orphans are re-parented
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -286,7 +287,7 @@ def test_loader_workers_start_from_the_ranks_fork_server_quiet_to_stop_signals(t
     [batch] = said["batches"]
     assert batch["ppid"] == said["server"] != proc.pid and batch["term_quiet"] and not batch["has_ballast"]
     assert any(p.pid == said["server"] for p in family)
-    assert len([p for p in family if p.ppid() == said["server"]]) == 1  # the live loader's worker
+    assert parents.count(said["server"]) == 1  # the live loader's worker
     deadline = time.time() + 10  # the server ends with its rank (its workers with it: PDEATHSIG)
     while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family):
         assert time.time() < deadline, "the rank's fork server outlived it"
