@@ -227,7 +227,9 @@ def zero_buffers(stage: int, hidden: int) -> dict[str, int]:
     fills "auto" (transformers/integrations/deepspeed.py, `trainer_config_finalize`): gradient reduce
     buckets of h² elements and ZeRO-3's prefetch of 0.9·h²; and, ZeRO-3, at most about one transformer
     block's weights gathered at a time, 12·h² (attention 4·h², MLP 8·h²) for DeepSpeed's
-    stage3_max_live_parameters and stage3_max_reuse_distance. DeepSpeed's defaults are sized for large
+    stage3_max_live_parameters and stage3_max_reuse_distance. ZeRO-1/2 reduce in buckets of one such
+    block, 12·h² (28 MB at ViT-B/32 in fp32, about DDP's 25 MB): at h² a step flushed ~300 buckets, each
+    a Python pass of DeepSpeed's and a collective, 7 % of the host's step (docs/RESULTS.md, issue 29). DeepSpeed's defaults are sized for large
     GPUs, whatever the model: 5e8-element buckets (a 2 GB bucket, in fp32, beside ViT-B/32's 0.6 GB of
     weights) and 1e9 live parameters (a 428 M ViT-L/14 may stay gathered whole through forward and
     backward). Measured at ViT-B/32 shapes, fp32, 2 CPU ranks, ZeRO-3: the peak per rank fell from 5.4
@@ -236,7 +238,7 @@ def zero_buffers(stage: int, hidden: int) -> dict[str, int]:
     if stage == 0:
         return {}
     if stage in (1, 2):
-        return {"reduce_bucket_size": h2}
+        return {"reduce_bucket_size": 12 * h2}
     return {
         "reduce_bucket_size": h2,
         "stage3_prefetch_bucket_size": int(0.9 * h2),
@@ -671,7 +673,9 @@ def _forget_zero3(module: torch.nn.Module) -> None:
     """Two references DeepSpeed 0.19.7's ZeRO-3 keeps to the module it partitioned, and through its
     hooks to the engine, after `destroy()` (runtime/zero/): the module-level stack its hooks start
     with the top module (parameter_offload.py, `setup_zero_stage3_hooks`:
-    FWD_MODULE_STACK.append(self.module), never popped), and the class-level lru_cache of
+    FWD_MODULE_STACK.append(self.module), never popped) and onto which its forward hooks push
+    submodules (under gradient checkpointing a U-Net's recomputed blocks are left there: 70 of the
+    tiny U-Net's convolutions, and through them the whole engine), and the class-level lru_cache of
     `PartitionedParameterCoordinator.__params_to_release` (partitioned_param_coordinator.py), keyed by
     the coordinator and each submodule. Found with gc.get_referrers; without this, 1.5 GB of ZeRO-3's
     training state stayed resident at ViT-B/32 shapes under the export."""
@@ -679,7 +683,8 @@ def _forget_zero3(module: torch.nn.Module) -> None:
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
     stack = parameter_offload.FWD_MODULE_STACK
-    stack[:] = [m for m in stack if m is not module]
+    mine = {id(m) for m in module.modules()}
+    stack[:] = [m for m in stack if id(m) not in mine]
     release = getattr(
         PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None
     )

@@ -9,8 +9,8 @@ ZeRO paper, Rajbhandari et al. 2020, §3: (2+2+K)·Ψ, K=12 for mixed-precision 
 
     stage   weights          fp32 masters   gradients                 Adam moments   DeepSpeed's buffers
     0       b·Ψ              4·Ψt if b=2    b·Ψt (+4·Ψt if b=2)       8·Ψt           b·Ψt (all-reduce copy)
-    1       b·Ψ              4·Ψt/N         b·Ψt + 4·Ψt/N             8·Ψt/N         b·h² (reduce bucket)
-    2       b·Ψ              4·Ψt/N         b·Ψt/N + 4·Ψt/N           8·Ψt/N         b·h²
+    1       b·Ψ              4·Ψt/N         b·Ψt + 4·Ψt/N             8·Ψt/N         b·12·h² (reduce bucket)
+    2       b·Ψ              4·Ψt/N         b·Ψt/N + 4·Ψt/N           8·Ψt/N         b·12·h²
     3       b·Ψ/N + window   4·Ψt/N         b·Ψt/N (+4·Ψt/N if b=2)   8·Ψt/N         b·h²
 
 ZeRO-1/2/3 keep an fp32 master copy even in fp32 (stage_1_and_2.py `single_partition_of_fp32_groups`,
@@ -127,7 +127,8 @@ def plan(size: ModelSize, s: Setting, capacity: int, host_capacity: int = 0) -> 
         grads = b * pt + (4 * pt if low else 0)
     else:  # + the flat fp32 partition the optimizer steps with (stage 3: made only from bf16/fp16)
         grads = (b * pt if s.stage == 1 else b * pt // n) + (4 * pt // n if s.stage < 3 or low else 0)
-    buffers = b * pt if s.stage == 0 and n > 1 else b * h2 if s.stage >= 1 else 0
+    buckets = 12 * h2 if s.stage in (1, 2) else h2  # trainer/engine.py `zero_buffers`
+    buffers = b * pt if s.stage == 0 and n > 1 else b * buckets if s.stage >= 1 else 0
     optimizer = 0 if s.offload_optimizer and s.cuda else masters + moments
     rows = {
         "weights": weights,
