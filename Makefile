@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast demo bench bench-prompts bench-peer lint format docs clean
+.PHONY: setup test test-slow test-fast demo bench bench-prompts bench-peer lint format docs clean
 
 setup: $(STAMP)
 
@@ -16,11 +16,14 @@ $(STAMP): setup.cfg pyproject.toml requirements.lock
 	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
-	$(PY) -m pytest -q
+test: setup  ## every tier but the slow drills, ≤ 40 min on 2 cores
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup  ## the drills (CI runs them after `make test`)
+	$(PY) -m pytest -q -m slow
 
 test-fast: setup  ## unit and smoke tiers only
-	$(PY) -m pytest -q -m "not system and not slurm"
+	$(PY) -m pytest -q -m "not system and not slurm and not slow"
 
 demo: setup
 	bash launch/demo.sh

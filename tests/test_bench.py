@@ -22,6 +22,7 @@ def openclip_site() -> Path:
     return site
 
 
+@pytest.mark.slow
 def test_the_gpu_drill_runs_every_step_and_reports_a_failed_one_at_the_end(tmp_path: Path) -> None:
     """The drill in its tiny CPU mode, through the real entry points, with one step made to fail on
     purpose (a bad override on the ZeRO-3 run): every other step still runs (open_clip's trainer, the
