@@ -124,7 +124,9 @@ def test_zero_buffers_are_sized_from_the_model_unless_set() -> None:
     assert zero3["reduce_bucket_size"] == 768**2 and zero3["stage3_prefetch_bucket_size"] == int(0.9 * 768**2)
     assert zero3["stage3_param_persistence_threshold"] == 7680
     assert zero3["stage3_max_live_parameters"] == zero3["stage3_max_reuse_distance"] == 12 * 768**2
-    zero2 = ds_config(DeepSpeedConfig(zero_stage=2), OptimConfig(), sizes, False, hidden=768)["zero_optimization"]
+    zero2 = ds_config(DeepSpeedConfig(zero_stage=2), OptimConfig(), sizes, False, hidden=768)[
+        "zero_optimization"
+    ]
     assert zero2["reduce_bucket_size"] == 12 * 768**2  # one transformer block's gradients a flush
     mine = DeepSpeedConfig(zero_stage=2, overrides={"zero_optimization": {"reduce_bucket_size": 5e8}})
     assert (
