@@ -279,9 +279,8 @@ def test_loader_workers_start_from_the_ranks_fork_server_quiet_to_stop_signals(t
     try:
         said = json.loads(proc.stdout.readline())
         family = psutil.Process(proc.pid).children(recursive=True)
-        parents = [
-            p.ppid() for p in family
-        ]  # read while the rank lives: once it is killed, orphans are re-parented
+        # read while the rank lives: once it is killed, its orphans are re-parented
+        parents = [p.ppid() for p in family]
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

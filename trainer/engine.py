@@ -230,8 +230,8 @@ def zero_buffers(stage: int, hidden: int) -> dict[str, int]:
     stage3_max_live_parameters and stage3_max_reuse_distance. ZeRO-1/2 reduce in buckets of one such
     block, 12·h² (28 MB at ViT-B/32 in fp32, about DDP's 25 MB): at h² nearly every gradient tensor was
     a bucket of its own, a Python pass of DeepSpeed's and a collective each (docs/RESULTS.md).
-    DeepSpeed's defaults are sized for large GPUs, whatever the model: 5e8-element buckets (a 2 GB bucket, in fp32, beside ViT-B/32's 0.6 GB of
-    weights) and 1e9 live parameters (a 428 M ViT-L/14 may stay gathered whole through forward and
+    DeepSpeed's defaults are sized for large GPUs, whatever the model: 5e8-element buckets (a 2 GB
+    bucket, in fp32, beside ViT-B/32's 0.6 GB of weights) and 1e9 live parameters (a 428 M ViT-L/14 may stay gathered whole through forward and
     backward). Measured at ViT-B/32 shapes, fp32, 2 CPU ranks, ZeRO-3: the peak per rank fell from 5.4
     to 4.1 GB (bench/memory.py)."""
     h2 = hidden * hidden

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.engine import zero_buffers
 from trainer.memory.shapes import ModelSize
 
 GiB = 2**30
@@ -127,8 +128,8 @@ def plan(size: ModelSize, s: Setting, capacity: int, host_capacity: int = 0) -> 
         grads = b * pt + (4 * pt if low else 0)
     else:  # + the flat fp32 partition the optimizer steps with (stage 3: made only from bf16/fp16)
         grads = (b * pt if s.stage == 1 else b * pt // n) + (4 * pt // n if s.stage < 3 or low else 0)
-    buckets = 12 * h2 if s.stage in (1, 2) else h2  # trainer/engine.py `zero_buffers`
-    buffers = b * pt if s.stage == 0 and n > 1 else b * buckets if s.stage >= 1 else 0
+    bucket = zero_buffers(s.stage, size.hidden).get("reduce_bucket_size", 0)  # what the engine is given
+    buffers = b * pt if s.stage == 0 and n > 1 else b * bucket
     optimizer = 0 if s.offload_optimizer and s.cuda else masters + moments
     rows = {
         "weights": weights,
