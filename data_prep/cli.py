@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,22 @@ log = logging.getLogger("data_prep")
 PATH_KEYS = ("source", "images", "captions", "splits", "root", "shards", "image_root")
 
 
-def parser() -> argparse.ArgumentParser:
+COMMANDS = ("cifar10", "flickr8k", "coco", "csv", "folder", "parquet", "index", "synthetic", "merge")
+
+
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with `command` (the first word given), only that subcommand gets its options:
+    the others are named for the help and the error (building every option is most of a run's
+    start-up; bench.prep's index against sha256 counts it)."""
     top = argparse.ArgumentParser(
         prog="python -m data_prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     top.add_argument("--version", action="version", version=f"data_prep {__version__}")
     sub = top.add_subparsers(dest="dataset", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser | None:
+        p = sub.add_parser(name, help=help)
+        return p if command == name or command not in COMMANDS else None
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="output folder")
@@ -109,131 +120,143 @@ def parser() -> argparse.ArgumentParser:
             help="leave smaller images as they are",
         )
 
-    p = sub.add_parser("cifar10", help="CIFAR-10 python release → shards")
-    p.add_argument(
-        "--source",
-        required=True,
-        dest="cifar10.source",
-        help="cifar-10-python.tar.gz or cifar-10-batches-py/",
-    )
-    p.add_argument(
-        "--no-verify",
-        action="store_const",
-        const=False,
-        dest="cifar10.verify",
-        help="skip the official MD5 checks",
-    )
-    p.add_argument(
-        "--template",
-        action="append",
-        dest="cifar10.templates",
-        help='prompt template with {label}; repeatable (default "An image of a {label}.")',
-    )
-    image_options(p)
-    common(p)
+    if p := add("cifar10", help="CIFAR-10 python release → shards"):
+        p.add_argument(
+            "--source",
+            required=True,
+            dest="cifar10.source",
+            help="cifar-10-python.tar.gz or cifar-10-batches-py/",
+        )
+        p.add_argument(
+            "--no-verify",
+            action="store_const",
+            const=False,
+            dest="cifar10.verify",
+            help="skip the official MD5 checks",
+        )
+        p.add_argument(
+            "--template",
+            action="append",
+            dest="cifar10.templates",
+            help='prompt template with {label}; repeatable (default "An image of a {label}.")',
+        )
+        image_options(p)
+        common(p)
 
-    p = sub.add_parser("flickr8k", help="Flickr8k (official zips, folders or Kaggle layout) → shards")
-    p.add_argument(
-        "--images",
-        required=True,
-        dest="flickr8k.images",
-        help="Flickr8k_Dataset.zip, Flicker8k_Dataset/ or Images/",
-    )
-    p.add_argument(
-        "--captions",
-        required=True,
-        dest="flickr8k.captions",
-        help="Flickr8k_text.zip, its folder, Flickr8k.token.txt or captions.txt",
-    )
-    p.add_argument(
-        "--splits",
-        dest="flickr8k.splits",
-        help="folder or zip with Flickr_8k.*Images.txt (default: beside the captions)",
-    )
-    p.add_argument(
-        "--resize", type=int, dest="flickr8k.resize", help="re-encode with the long side at most N pixels"
-    )
-    p.add_argument(
-        "--full-decode",
-        action="store_const",
-        const=True,
-        dest="flickr8k.full_decode",
-        help="decode every image (slower, stricter)",
-    )
-    image_options(p)
-    common(p)
+    if p := add("flickr8k", help="Flickr8k (official zips, folders or Kaggle layout) → shards"):
+        p.add_argument(
+            "--images",
+            required=True,
+            dest="flickr8k.images",
+            help="Flickr8k_Dataset.zip, Flicker8k_Dataset/ or Images/",
+        )
+        p.add_argument(
+            "--captions",
+            required=True,
+            dest="flickr8k.captions",
+            help="Flickr8k_text.zip, its folder, Flickr8k.token.txt or captions.txt",
+        )
+        p.add_argument(
+            "--splits",
+            dest="flickr8k.splits",
+            help="folder or zip with Flickr_8k.*Images.txt (default: beside the captions)",
+        )
+        p.add_argument(
+            "--resize", type=int, dest="flickr8k.resize", help="re-encode with the long side at most N pixels"
+        )
+        p.add_argument(
+            "--full-decode",
+            action="store_const",
+            const=True,
+            dest="flickr8k.full_decode",
+            help="decode every image (slower, stricter)",
+        )
+        image_options(p)
+        common(p)
 
-    p = sub.add_parser("coco", help="COCO captions (official folders or zips) → shards")
-    p.add_argument(
-        "--root",
-        required=True,
-        dest="coco.root",
-        help="folder with annotations/ (or annotations_trainval2017.zip) and train2017/, val2017/ (or their zips)",
-    )
-    p.add_argument("--year", dest="coco.year", help="release year when the folder holds several (2014, 2017)")
-    image_options(p)
-    common(p)
+    if p := add("coco", help="COCO captions (official folders or zips) → shards"):
+        p.add_argument(
+            "--root",
+            required=True,
+            dest="coco.root",
+            help="folder with annotations/ (or annotations_trainval2017.zip) and train2017/, val2017/ (or their zips)",
+        )
+        p.add_argument(
+            "--year", dest="coco.year", help="release year when the folder holds several (2014, 2017)"
+        )
+        image_options(p)
+        common(p)
 
-    p = sub.add_parser("csv", help="a CSV/TSV/JSONL table of image paths and captions (open_clip's) → shards")
-    p.add_argument("--source", required=True, dest="csv.source", help="the .csv, .tsv or .jsonl file")
-    p.add_argument("--image-key", dest="csv.image_key", help="image path column (default filepath)")
-    p.add_argument("--caption-key", dest="csv.caption_key", help="caption column (default title)")
-    p.add_argument("--separator", dest="csv.separator", help="field separator (default a TAB: \\t or tab)")
-    p.add_argument(
-        "--split-key", dest="csv.split_key", help="column naming each row's split (default: hash split)"
-    )
-    p.add_argument(
-        "--image-root",
-        dest="csv.image_root",
-        help="where relative image paths start (default: the table's folder)",
-    )
-    image_options(p)
-    common(p)
+    if p := add("csv", help="a CSV/TSV/JSONL table of image paths and captions (open_clip's) → shards"):
+        p.add_argument("--source", required=True, dest="csv.source", help="the .csv, .tsv or .jsonl file")
+        p.add_argument("--image-key", dest="csv.image_key", help="image path column (default filepath)")
+        p.add_argument("--caption-key", dest="csv.caption_key", help="caption column (default title)")
+        p.add_argument(
+            "--separator", dest="csv.separator", help="field separator (default a TAB: \\t or tab)"
+        )
+        p.add_argument(
+            "--split-key", dest="csv.split_key", help="column naming each row's split (default: hash split)"
+        )
+        p.add_argument(
+            "--image-root",
+            dest="csv.image_root",
+            help="where relative image paths start (default: the table's folder)",
+        )
+        image_options(p)
+        common(p)
 
-    p = sub.add_parser("folder", help="an imagefolder (metadata.jsonl/.csv + images) → shards")
-    p.add_argument("--source", required=True, dest="folder.source", help="the folder")
-    p.add_argument("--caption-key", dest="folder.caption_key", help="caption column (default text)")
-    image_options(p)
-    common(p)
+    if p := add("folder", help="an imagefolder (metadata.jsonl/.csv + images) → shards"):
+        p.add_argument("--source", required=True, dest="folder.source", help="the folder")
+        p.add_argument("--caption-key", dest="folder.caption_key", help="caption column (default text)")
+        image_options(p)
+        common(p)
 
-    p = sub.add_parser("parquet", help="Parquet files as Hugging Face datasets writes them → shards")
-    p.add_argument(
-        "--source", required=True, dest="parquet.source", help="a .parquet file, a folder of them, or a glob"
-    )
-    p.add_argument(
-        "--image-key", dest="parquet.image_key", help="image column (default image: datasets' Image feature)"
-    )
-    p.add_argument(
-        "--caption-key",
-        dest="parquet.caption_key",
-        help="caption column, a string or a list (default: text, caption, captions or sentences)",
-    )
-    image_options(p)
-    common(p)
+    if p := add("parquet", help="Parquet files as Hugging Face datasets writes them → shards"):
+        p.add_argument(
+            "--source",
+            required=True,
+            dest="parquet.source",
+            help="a .parquet file, a folder of them, or a glob",
+        )
+        p.add_argument(
+            "--image-key",
+            dest="parquet.image_key",
+            help="image column (default image: datasets' Image feature)",
+        )
+        p.add_argument(
+            "--caption-key",
+            dest="parquet.caption_key",
+            help="caption column, a string or a list (default: text, caption, captions or sentences)",
+        )
+        image_options(p)
+        common(p)
 
-    p = sub.add_parser("index", help="existing WebDataset shards (img2dataset's), indexed in place")
-    p.add_argument(
-        "--shards",
-        action="append",
-        required=True,
-        dest="index.shards",
-        help="brace pattern, glob, file or folder of .tar shards, http(s):// URLs, pipe: commands, s3:// or "
-        "gs:// URLs; repeatable (one per split)",
-    )
-    p.add_argument(
-        "--split", action="append", dest="index.split", help="what they are (default train); one per --shards"
-    )
-    common(p)
+    if p := add("index", help="existing WebDataset shards (img2dataset's), indexed in place"):
+        p.add_argument(
+            "--shards",
+            action="append",
+            required=True,
+            dest="index.shards",
+            help="brace pattern, glob, file or folder of .tar shards, http(s):// URLs, pipe: commands, s3:// or "
+            "gs:// URLs; repeatable (one per split)",
+        )
+        p.add_argument(
+            "--split",
+            action="append",
+            dest="index.split",
+            help="what they are (default train); one per --shards",
+        )
+        common(p)
 
-    p = sub.add_parser("synthetic", help="write the learnable synthetic set in the official formats")
-    p.add_argument("--seed", type=int, dest="seed", help="seed (default 0)")
-    common(p)
+    if p := add("synthetic", help="write the learnable synthetic set in the official formats"):
+        p.add_argument("--seed", type=int, dest="seed", help="seed (default 0)")
+        common(p)
 
-    p = sub.add_parser("merge", help="write the manifest once every task's shards are there")
-    p.add_argument("--out", required=True, help="the output folder the tasks wrote into")
-    p.add_argument(
-        "--quiet", action="store_const", const=False, dest="progress", help="(no progress bar to hide)"
-    )
+    if p := add("merge", help="write the manifest once every task's shards are there"):
+        p.add_argument("--out", required=True, help="the output folder the tasks wrote into")
+        p.add_argument(
+            "--quiet", action="store_const", const=False, dest="progress", help="(no progress bar to hide)"
+        )
     return top
 
 
@@ -242,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parse_mixed(parser(), argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = parse_mixed(parser(words[0] if words else None), argv)
     if args["dataset"] == "merge":
         if args["overrides"]:
             raise UserError(f"merge takes only --out, not {' '.join(args['overrides'])}")

@@ -512,3 +512,21 @@ def test_synthetic_is_deterministic_and_official_shaped(
     captions = json.loads(read_split(out / "f", "test")[0]["json"])["captions"]
     assert len(captions) == 5 and all(c.endswith(" .") for c in captions)
     assert sorted(BATCHES) == sorted(f"data_batch_{i}" for i in range(1, 6)) + ["test_batch"]
+
+
+def test_the_command_line_built_for_one_command_reads_it_as_the_whole_one_does() -> None:
+    from data_prep.cli import COMMANDS, parser
+    from plumbing.config import parse_mixed
+
+    assert "{" + ",".join(COMMANDS) + "}" in parser().format_usage()  # every subcommand, named
+    tails = {"merge": ["--out", "o"], "synthetic": ["--out", "o", "--seed", "3"]}
+    tails["index"] = ["--shards", "a/{0..3}.tar", "--split", "train", "--out", "o", "--workers", "2"]
+    for command in COMMANDS:
+        argv = [command, *tails.get(command, ["--source", "s", "--out", "o", "shards.shard_size=5"])]
+        if command == "flickr8k":
+            argv = [command, "--images", "i", "--captions", "c", "--out", "o", "--image-size", "64"]
+        elif command == "coco":
+            argv = [command, "--root", "r", "--out", "o"]
+        assert parse_mixed(parser(command), argv) == parse_mixed(parser(), argv), command
+    with pytest.raises(SystemExit):  # an unknown command: the whole line, to name the choices
+        parse_mixed(parser("cvs"), ["cvs", "--out", "o"])
