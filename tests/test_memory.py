@@ -86,7 +86,6 @@ def test_model_states_per_rank_match_deepspeeds_own_estimator() -> None:
     """bf16 ZeRO-2 and ZeRO-3 on 2 GPUs: DeepSpeed's estimators (estimate_zero2_model_states_mem_needs,
     estimate_zero3_…, without offload) count weights, gradients and Adam states as the plan does,
     within 15 % (they round the bf16 gradient and the fp32 copies differently)."""
-    import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -207,33 +206,6 @@ def test_vit_b_32_under_zero3_trains_resumes_and_exports_within_its_plan(
     assert {"memory/rank0/backward_peak_mb", "memory/rank1/backward_peak_mb"} <= tags(run_dir / "tensorboard")
 
 
-def test_loader_workers_forked_after_the_step_hold_no_copy_of_the_engines_tensors() -> None:
-    """A block the engine holds is left out of forked children (MADV_DONTFORK): a loader worker
-    forked from the training process does not map it, so the step's rewrites copy nothing for it."""
-    from trainer.memory.host import keep_from_forks, map_large_blocks
-
-    map_large_blocks(1 << 20)
-    big, small = torch.ones(4 << 20, dtype=torch.uint8), torch.ones(1024)
-    assert keep_from_forks([big, small, big], 1 << 20) >= (4 << 20) - 8192  # whole pages of `big`
-    start = big.untyped_storage().data_ptr() + 8192  # a page inside it
-
-    def mapped(address: int) -> bool:
-        for line in Path("/proc/self/maps").read_text().splitlines():
-            low, high = (int(x, 16) for x in line.split()[0].split("-"))
-            if low <= address < high:
-                return True
-        return False
-
-    assert mapped(start)
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # the worker: it must not see the block, and can still read its own small tensor
-        os.write(write, b"1" if not mapped(start) and float(small.sum()) == 1024 else b"0")
-        os._exit(0)
-    os.waitpid(child, 0)
-    assert os.read(read, 1) == b"1"
-
-
 @pytest.mark.smoke
 def test_a_zero3_engine_is_freed_after_teardown_even_with_checkpointed_submodules(tmp_path: Path) -> None:
     """After teardown and the last reference dropped, a ZeRO-3 engine is collected, with every
@@ -272,3 +244,18 @@ destroy_process_group()
     proc = run([PY, "-c", script], check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "freed True" in proc.stdout, "the engine outlived its teardown"
+
+
+def test_the_census_walks_optimizer_state_keyed_by_parameters_without_formatting_them(monkeypatch) -> None:
+    """Optimizer state is keyed by parameters: the walk names its entries without formatting the key
+    (milliseconds a tensor, and on a GPU a copy to the host)."""
+    from trainer.memory.census import _kind, _tensors
+
+    held = {
+        "state": {torch.zeros(3): {"exp_avg": torch.ones(3)}},
+        "fp32_groups": [torch.ones(2)],
+        0: torch.ones(1),
+    }
+    monkeypatch.setattr(torch.Tensor, "__format__", lambda *_: pytest.fail("a tensor formatted into a name"))
+    found = [(name, _kind(name.lower())) for name, _ in _tensors(held, "", 0, set())]
+    assert found == [(".state.exp_avg", "deepspeed"), (".fp32_groups", "optimizer"), (".0", "deepspeed")]

@@ -31,8 +31,6 @@ from trainer.data import TrainData
 from trainer.engine import Engine, device_skippable, group_names, trainable_shapes
 from trainer.evaluate import Evaluator
 from trainer.guard import StepGuard
-from trainer.memory.census import engine_tensors
-from trainer.memory.host import keep_from_forks
 from trainer.monitor import Monitor, StepStats, Stopwatch
 from trainer.plan import Plan
 from trainer.tasks.base import Batch, Evaluation, Task
@@ -99,7 +97,6 @@ class Loop:
         watch = Stopwatch()
         data_time = 0.0
         losses: list[torch.Tensor] = []
-        self.fork_lightly()
         # closed however the epoch ends: the loader's workers must not outlive an error
         with contextlib.closing(self.data.epoch(s.epoch, s.micro_in_epoch)) as batches:
             for batch in self.watchdog.batches(batches, self.where):  # each batch and step in time
@@ -226,16 +223,8 @@ class Loop:
         return True
 
     def evaluate(self, step: int) -> Evaluation:
-        self.fork_lightly()
         with self.watchdog.phase("evaluation", self.where):
             return self.evaluator.run(self.engine, step)
-
-    def fork_lightly(self) -> None:
-        """Before a loader forks its workers: the engine's large tensors (weights, gradients, optimizer
-        state, ZeRO's buffers; those made since the last fork too) are left out of the children, so
-        that no worker keeps a copy of the pages the step rewrites (trainer/memory/host.py)."""
-        tensors = (tensor for _, tensor in engine_tensors(self.engine))
-        keep_from_forks(tensors, self.cfg.run.mmap_threshold_kb * 1024)
 
     def where(self) -> str:
         """Where the loop stands, for a hang report."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -123,41 +122,3 @@ def map_large_blocks(threshold: int) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
-
-
-MADV_DONTFORK = 10  # linux/mman.h
-
-
-def keep_from_forks(tensors: Iterable[torch.Tensor], least: int) -> int:
-    """Leave the pages of every CPU tensor of at least `least` bytes out of forked children
-    (madvise(MADV_DONTFORK), madvise(2)); returns the bytes left out. A DataLoader forks its workers
-    from the training process at every epoch; the workers never read the model, yet each keeps the
-    pages the fork shared with it: once the training process rewrites them in place (the optimizer
-    step rewrites weights, fp32 masters and Adam moments), every rewritten page is copied and the
-    worker holds the old one (copy on write). At ViT-B/32 shapes a worker's own memory reached the
-    size of its rank's weights and fp32 masters, 0.9 GB (bench/memory.py), at SD v1's U-Net under
-    ZeRO-3 ~3.4 GB, twice per rank. `least` must be at least the heap's mmap threshold
-    (`map_large_blocks`): such a block is a mapping of its own, never reused by a child's malloc;
-    only its whole pages are left out (the block's header page stays)."""
-    if least <= 0 or os.name != "posix":
-        return 0
-    try:
-        madvise = ctypes.CDLL("libc.so.6", use_errno=True).madvise
-    except (OSError, AttributeError):
-        return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page = os.sysconf("SC_PAGE_SIZE")
-    done: set[int] = set()
-    total = 0
-    for tensor in tensors:
-        if tensor.device.type != "cpu":
-            continue
-        storage = tensor.untyped_storage()
-        start, size = storage.data_ptr(), storage.nbytes()
-        if size < least or not start or start in done:
-            continue
-        done.add(start)
-        first, end = -(-start // page) * page, (start + size) // page * page
-        if end > first and madvise(first, end - first, MADV_DONTFORK) == 0:
-            total += end - first
-    return total
