@@ -284,7 +284,7 @@ def summary(rows: dict[str, dict[str, Any]]) -> tuple[str, list[Target]]:
     """Every row's peaks against its plan; the targets over what the rows hold."""
     lines = [
         f"{'row':13s} {'date':20s} {'plan MiB':>9s} {'measured':>9s} {'plan/meas':>9s} "
-        f"{'train':>7s} {'ckpt':>7s} {'export':>7s} {'poller':>7s}"
+        f"{'train':>7s} {'ckpt':>7s} {'export':>7s} {'poller':>7s} {'helpers':>7s}"
     ]
     targets: list[Target] = []
     for name in sorted(rows, key=lambda n: (n.split(":")[0], int(n.split(":")[1]))):
@@ -298,19 +298,16 @@ def summary(rows: dict[str, dict[str, Any]]) -> tuple[str, list[Target]]:
             continue
         s = row["summary"]
         polled = max(row["poller_peaks"]) / MiB
+        helpers = max(row.get("worker_uss_peaks") or [math.nan]) / MiB  # this row's largest, not the file's
         lines.append(
             f"{name:13s} {row['date'][:19]:20s} {s['plan']:9.0f} {s['all']:9.0f} {s['plan'] / s['all']:9.2f} "
-            f"{s['training']:7.0f} {s['checkpoint']:7.0f} {s['export']:7.0f} {polled:7.0f}"
+            f"{s['training']:7.0f} {s['checkpoint']:7.0f} {s['export']:7.0f} {polled:7.0f} {helpers:7.0f}"
         )
         targets.append(Target(f"{name} plan / measured peak", s["plan"] / s["all"], 1.25, at_least=False))
         targets.append(Target(f"{name} plan / measured peak (from below)", s["plan"] / s["all"], 0.8))
         worst = max(s["checkpoint"], s["export"]) / s["training"]
         targets.append(Target(f"{name} checkpoint, export / training peak", worst, 1.1, at_least=False))
-    workers = [w for row in rows.values() for w in row.get("worker_uss_peaks", [])]
-    if workers:
-        lines.append(
-            f"helper processes' own memory (USS: loader workers, their fork server), largest: {max(workers) / MiB:.0f} MiB"
-        )
+    lines.append("helpers: the largest own memory (USS) of a row's loader workers and their fork server, MiB")
     big = {stage: rows.get(f"vit-l-14:{stage}", {}).get("summary") for stage in (0, 2, 3)}
     together = len({rows[f"vit-l-14:{s}"]["date"] for s in (0, 2, 3) if big[s]}) == 1
     if all(big.values()) and together:  # the baseline measured in the same invocation
