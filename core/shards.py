@@ -131,11 +131,22 @@ def json_member(data: bytes) -> Any:
 
 
 def captions_of(sample: dict[str, Any]) -> list[str]:
-    """All captions of a raw sample: its json's "captions" (Flickr8k), else its txt (CIFAR-10 prompts)."""
-    meta = json_member(sample["json"]) if "json" in sample else {}
-    if meta.get("captions"):
-        return list(meta["captions"])
-    return [sample["txt"].decode("utf-8")] if "txt" in sample else []
+    """All captions of a raw sample: its json's "captions" (Flickr8k), else its txt (CIFAR-10 prompts).
+    Raises ValueError (or UnicodeDecodeError) on a json or txt member that does not decode."""
+    meta = json_member(sample["json"]) if "json" in sample else None
+    return caption_list(meta, sample["txt"].decode("utf-8") if "txt" in sample else None)
+
+
+def caption_list(meta: Any, text: str | None) -> list[str]:
+    """A sample's captions from its decoded json and txt: the json object's "captions" when they are a
+    non-empty list of strings (one string is one caption), else the txt. A json that is not an object
+    (a list, a number: a user's own shards hold anything) or "captions" of other types name no caption."""
+    found = meta.get("captions") if isinstance(meta, dict) else None
+    if isinstance(found, str):
+        found = [found]
+    if isinstance(found, list) and found and all(isinstance(c, str) for c in found):
+        return list(found)
+    return [text] if text is not None else []
 
 
 def rgb_or_none(source: bytes | str | Path) -> Image.Image | None:

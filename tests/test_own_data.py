@@ -288,6 +288,48 @@ def test_img2dataset_shards_are_indexed_in_place(
     assert code == 0 and "val 0 samples in 0 shards" in stdout and "1 skipped: 1 unreadable shard" in stdout
 
 
+def test_index_counts_json_members_of_any_shape_without_failing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user's shards may hold any JSON in a sample's json member: a list, a string, "captions" that
+    are not strings. Each is read as the trainer reads it (core.shards.caption_list): the txt is the
+    caption, and a sample with neither is listed, never a traceback."""
+    import tarfile
+
+    members = {
+        "000000001": (b"[1, 2]", b"a red circle"),
+        "000000002": (b'"just a string"', b"a blue square"),
+        "000000003": (b'{"captions": "one caption"}', None),
+        "000000004": (b'{"captions": [1, 2]}', None),
+        "000000005": (b"7", None),
+        "000000006": (b'{"captions": ["a", "b"]}', None),
+    }
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, (meta, txt) in members.items():
+            for suffix, data in (("jpg", picture(0)), ("json", meta), ("txt", txt)):
+                if data is not None:
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    code, stdout, _ = prep(["index", "--shards", str(shards), "--out", str(out)], capsys)
+    assert code == 0 and "6 samples" in stdout
+    manifest = load_manifest(out)
+    listed = {r["item"].split(":")[1]: r["kind"] for r in manifest.split("train").rejected}
+    assert listed == {"000000004": "no caption", "000000005": "no caption"}
+    got = {s["__key__"]: captions_of(s) for s in read_split(manifest, "train")}
+    assert got == {
+        "000000001": ["a red circle"],
+        "000000002": ["a blue square"],
+        "000000003": ["one caption"],
+        "000000004": [],
+        "000000005": [],
+        "000000006": ["a", "b"],
+    }
+
+
 @pytest.mark.parametrize(
     ("pattern", "extra", "needle"),
     [

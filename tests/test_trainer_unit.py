@@ -182,6 +182,11 @@ def test_captions_are_drawn_per_epoch_or_always_the_first() -> None:
     assert {text(d, True, "first") for d in range(30)} == {"a"}
     assert {text(d, False, "draw") for d in range(30)} == {"a"}  # evaluation: the first
     assert pick_caption({"text": "only"}, 7, True, "draw")["captions"] == ["only"]
+    # a user's json member that is not an object, or whose "captions" are not strings, names none
+    for meta in ([1, 2], "a string", 3, {"captions": [1, 2]}, {"captions": {}}, {"captions": []}):
+        assert pick_caption({"meta": meta, "text": "txt"}, 1, True, "draw")["captions"] == ["txt"]
+        assert "text" not in pick_caption({"meta": meta}, 1, True, "draw")
+    assert pick_caption({"meta": {"captions": "one"}}, 1, True, "draw")["captions"] == ["one"]
 
 
 def test_missing_required_values_are_named() -> None:

@@ -40,7 +40,7 @@ from omegaconf import MISSING
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from core.manifest import Manifest
-from core.shards import Shard, cut, decode, read_ranges, split_shards
+from core.shards import Shard, caption_list, cut, decode, read_ranges, split_shards
 from plumbing.config import require
 from plumbing.process import die_with_parent, helper_server
 from plumbing.seeds import derive_seed
@@ -252,7 +252,7 @@ def decode_or_substitute(
 def pick_caption(sample: dict[str, Any], draw: int, train: bool, mode: str = "draw") -> dict[str, Any]:
     """One of the sample's captions as `text` (in training with mode "draw", drawn per epoch; else the
     first), all of them as `captions`."""
-    captions = sample.get("meta", {}).get("captions") or ([sample["text"]] if "text" in sample else [])
+    captions = caption_list(sample.get("meta"), sample.get("text"))
     if captions:
         sample["text"] = captions[draw % len(captions)] if train and mode == "draw" else captions[0]
         sample["captions"] = captions
