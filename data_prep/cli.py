@@ -63,9 +63,10 @@ COMMANDS = ("cifar10", "flickr8k", "coco", "csv", "folder", "parquet", "index", 
 
 
 def parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The command line; with `command` (the first word given), only that subcommand gets its options:
-    the others are named for the help and the error (building every option is most of a run's
-    start-up; bench.prep's index against sha256 counts it)."""
+    """The command line; with `command` (the first word given, one of COMMANDS), only that subcommand
+    is built: building every parser and option is most of a run's start-up (bench.prep's index
+    against sha256 counts it). Without one (`--help`, a typo), every subcommand is named for the help
+    and the error."""
     top = argparse.ArgumentParser(
         prog="python -m data_prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -73,8 +74,9 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="dataset", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser | None:
-        p = sub.add_parser(name, help=help)
-        return p if command == name or command not in COMMANDS else None
+        if command in COMMANDS and command != name:
+            return None
+        return sub.add_parser(name, help=help)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="output folder")

@@ -265,7 +265,7 @@ def _walk_headers(f: BinaryIO) -> tuple[list[Group], str, int]:
         if suffix in _KEEP:
             start = data_at - base
             if start + length <= hi:  # in the chunk in hand (nearly always)
-                value = bytes(buf[start : start + length])
+                value = view[start : start + length].tobytes()  # one copy (a bytearray slice is two)
             else:
                 value = window.take(data_at, length)
                 buf, view, base, hi = window.buf, window.view, window.base, window.hi
