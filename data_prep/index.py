@@ -312,6 +312,8 @@ def _pax_path(data: bytes) -> str:
     while pos < len(data) and data[pos : pos + 1] != b"\0":
         space = data.index(b" ", pos)
         length = int(data[pos:space])
+        if length < 1:  # tarfile: "invalid header"; here it would read the same record forever
+            raise ValueError("a PAX record of length 0")
         keyword, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         if keyword in (b"size", b"hdrcharset") or keyword.startswith(b"GNU.sparse"):
             raise _NotPlain(f"PAX {keyword.decode(errors='replace')}")

@@ -647,23 +647,65 @@ def test_the_header_walk_counts_what_webdataset_reads(files: dict, tmp_path: Pat
         _walk_plain(f)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_the_header_walk_on_damaged_headers_reads_what_webdataset_reads_or_hands_over(seed: int) -> None:
+def test_a_pax_record_of_length_zero_is_handed_over_not_read_forever() -> None:
+    """A PAX header whose record says it is 0 bytes long: tarfile calls it an invalid header; the
+    header walk read that record again and again, forever (an index run that never ends)."""
+    import signal
+    import tarfile
+
+    from data_prep.index import _NotPlain, _walk_plain
+
+    records = b"0 path=x.jpg\n"
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(records)
+    block = header.tobuf(tarfile.USTAR_FORMAT)
+    member = tarfile.TarInfo("0001.jpg")
+    member.size = 1
+    data = block + records.ljust(512, b"\0") + member.tobuf(tarfile.USTAR_FORMAT) + b"1".ljust(512, b"\0")
+
+    def hung(*_: object) -> None:
+        raise AssertionError("the walk did not end")
+
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        with pytest.raises(_NotPlain):
+            _walk_plain(io.BytesIO(data + bytes(1024)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+@pytest.mark.parametrize(("seed", "writer"), [(0, "plumbing"), (1, "plumbing"), (2, "pax"), (3, "pax")])
+def test_the_header_walk_on_damaged_headers_reads_what_webdataset_reads_or_hands_over(
+    seed: int, writer: str
+) -> None:
     """A header byte changed (its checksum made right again, so tarfile reads on), or the file cut
     short: the walk finds exactly webdataset's samples, or leaves the shard to webdataset's reader.
     The numeric fields the walk does not need (mode, uid, gid, mtime, device numbers) are left out:
     one that does not parse ends tarfile's reading there, and the walk reads on."""
+    import tarfile
+
     from data_prep.index import _NotPlain, _walk_plain, _walk_webdataset
     from plumbing.tars import end_of_archive, tar_member
 
     rng = random.Random(seed)
-    body = b"".join(
-        part
+    members = [
+        (name, data)
         for i in range(4)
         for name, data in [(f"{i:04d}.jpg", rng.randbytes(rng.randint(0, 3000))), (f"{i:04d}.txt", b"cap")]
-        for part in tar_member(name, data)
-    )
-    good = body + end_of_archive(len(body))
+    ]
+    if writer == "plumbing":
+        body = b"".join(part for name, data in members for part in tar_member(name, data))
+        good = body + end_of_archive(len(body))
+    else:  # webdataset's TarWriter (img2dataset's): a PAX header before each member, its float mtime
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), 1733500000.25
+                tar.addfile(info, io.BytesIO(data))
+        good = out.getvalue()
     unread = {*range(100, 124), *range(136, 148), *range(329, 345)}
     offsets = [0, 3, 99, 124, 126, 134, 135, 156, 257, 345, *(r for r in range(512) if r not in unread)]
     for _ in range(150):
