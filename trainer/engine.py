@@ -147,7 +147,10 @@ def ds_config(
         # Without CUDA streams nothing overlaps, and gloo gains nothing from reduce-scatter: off, they
         # trim ZeRO-2's step overhead over a bare loop (bench/train_overhead.py). Not
         # contiguous_gradients=false: in DeepSpeed 0.19.7 it makes 2-rank ZeRO-2 diverge from ZeRO-0
-        # (loss off by 0.05 after 10 steps; tests/test_trainer_system.py would catch it).
+        # (loss off by 0.05 after 10 steps), and 2-rank ZeRO-1 too (0.31 by the end of the system
+        # test's run), though at ZeRO-1 it drops DeepSpeed's per-parameter hooks and bucket copies
+        # (ViT-B/32's host share at one rank: 1.63 → 1.21× a bare loop). tests/test_trainer_system.py
+        # holds ZeRO-1, 2 and 3 to ZeRO-0's loss curve.
         zero.update(overlap_comm=False, reduce_scatter=False)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
