@@ -17,7 +17,11 @@ Input: ~2,000 synthetic 640×480 JPEGs (COCO's size) and an open_clip table (`fi
   Target ≥ 0.9. Also on the same images at 256 px (img2dataset's default size): three tar members per
   ~40 KiB instead of per ~120, where index's Python work per member weighs three times as much; and
   on the 640×480 shards as webdataset's TarWriter writes them (img2dataset's writer: a PAX header,
-  its mtime, before every member, so twice the headers).
+  its mtime, before every member, so twice the headers). index reads and walks on one thread and
+  hashes on a second (two cores: its CPU seconds beside sha256's say what the walk costs). A real set
+  has thousands of shards, over which the command's fixed cost (~10 ms: planning, the part log, the
+  manifest) is spread: here each set is indexed `--index-copies` times over (hard links, the same
+  bytes under more names), so that it weighs about as it does there.
 * Resize on write: `data_prep`'s own image step (data_prep.images.prepare_image) to half and a quarter
   of the source's short side, against plain PIL doing the same (full decode, BOX resize, the same JPEG
   encode), one core. Target at half ≥ 2× (JPEG draft: DCT scaling).
@@ -119,6 +123,17 @@ def as_tarwriter(shard: Path, out: Path) -> None:
             data = source.extractfile(member)
             member.mtime = 1733500000.25
             tar.addfile(member, data)
+
+
+def linked(where: Path, splits: list[str], copies: int) -> Path:
+    """A folder holding each split's shards of `where` `copies` times over, as hard links."""
+    out = where.with_name(f"{where.name}-x{copies}")
+    for split in splits:
+        (out / split).mkdir(parents=True)
+        for shard in sorted((where / split).glob("*.tar")):
+            for k in range(copies):
+                os.link(shard, out / split / f"{k:03d}-{shard.name}")
+    return out
 
 
 def prep(*argv: str) -> None:
@@ -274,12 +289,14 @@ def timed_runs(args: argparse.Namespace, root: Path) -> None:
             as_tarwriter(shard, pax / split / shard.name)
     shutil.copy(shards / "manifest.json", pax / "manifest.json")  # for samples_in
 
+    copies = {where: linked(where, splits, args.index_copies) for where in (shards, small, pax)}
+
     def hashed(out: Path, where: Path = shards) -> int:
-        forked(lambda: [file_sha256(p) for s in splits for p in sorted((where / s).glob("*.tar"))])
-        return samples_in(where)
+        forked(lambda: [file_sha256(p) for s in splits for p in sorted((copies[where] / s).glob("*.tar"))])
+        return samples_in(where) * args.index_copies
 
     def index(out: Path, where: Path = shards) -> int:
-        patterns = [w for s in splits for w in ("--shards", str(where / s), "--split", s)]
+        patterns = [w for s in splits for w in ("--shards", str(copies[where] / s), "--split", s)]
         forked(lambda: prep("index", *patterns, "--out", str(out)))
         return samples_in(out)
 
@@ -323,6 +340,7 @@ def main() -> None:
     )
     parser.add_argument("--decode", type=int, default=300, help="images decoded per loader-core measurement")
     parser.add_argument("--resize", type=int, default=300, help="images resized per resize measurement")
+    parser.add_argument("--index-copies", type=int, default=8, help="each set indexed this many times over")
     parser.add_argument("--out", default="", help="results file (default bench/results/prep-<cpu>.json)")
     parser.add_argument("--runs-in", default="", help=argparse.SUPPRESS)  # the timed runs' process
     args = parser.parse_args()
@@ -337,7 +355,7 @@ def main() -> None:
         # its ~500 MB made each of --workers 2's pool processes cost CPU that a real run never pays.
         # bench/__init__.py set DS_ACCELERATOR in this environment, so the child does not import torch.
         sizes = {"--images": args.images, "--repeat": args.repeat, "--shard-size": args.shard_size}
-        sizes["--resize"] = args.resize
+        sizes["--resize"], sizes["--index-copies"] = args.resize, args.index_copies
         mine = [word for flag, n in sizes.items() for word in (flag, str(n))]
         subprocess.run([sys.executable, "-m", "bench.prep", *mine, "--runs-in", tmp], check=True)
         measured = json.loads((root / "runs.json").read_text())
@@ -403,7 +421,8 @@ def main() -> None:
     ]
     text = "\n".join(
         [
-            f"input: {args.images} JPEGs {SIZE[0]}×{SIZE[1]}, {mb:.0f} MiB, shards of {args.shard_size}, best of {args.repeat}",
+            f"input: {args.images} JPEGs {SIZE[0]}×{SIZE[1]}, {mb:.0f} MiB, shards of {args.shard_size}, best of {args.repeat}; "
+            f"index and sha256 over {args.index_copies} copies of each set",
             f"{'run':52s} {'images/s':>10s} {'CPU s':>7s} {'load':>5s}",
             *[
                 f"{label:52s} {rates[key].rate:10.0f} {rates[key].cpu:7.2f} {rates[key].load:5.1f}"
@@ -413,6 +432,10 @@ def main() -> None:
             f"{f'one loader core: the same at 256 px ({small_kb:.0f} KiB)':52s} {decoded['256']:10.0f}",
             f"the machine's own parallel-copy speed-up (floor, 2 processes / 1): {rates['floor_two'].rate / rates['floor'].rate:.3f}",
             f"CPU seconds, 2 tasks / 1 task: {rates['two'].cpu / rates['one'].cpu:.3f} (1.0: the same work, split)",
+            "CPU seconds, index / sha256 (two threads / one): "
+            + ", ".join(
+                f"{rates[f'index{k}'].cpu / rates[f'hash{k}'].cpu:.3f}" for k in ("", "_256", "_pax")
+            ),
             f"resize, data_prep / plain PIL with the BOX filter: {box[half]:.3f} at half, {box[half // 2]:.3f} at a quarter; "
             f"data_prep / plain PIL at a quarter: {rates[f'resize_{half // 2}_prep'].rate / rates[f'resize_{half // 2}_plain'].rate:.3f}",
             f"load average at the start and the end: {load[0]:.1f}, {load[1]:.1f} ({os.cpu_count()} cores)",

@@ -647,6 +647,60 @@ def test_the_header_walk_counts_what_webdataset_reads(files: dict, tmp_path: Pat
         _walk_plain(f)
 
 
+@pytest.mark.parametrize("chunk", [512, 1536, 4096])
+def test_the_header_walk_reads_across_chunk_borders_with_its_hashing_thread(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk reads a shard in chunks, hashed on a second thread while it walks them: with chunks of
+    a few blocks, headers, PAX records and members (captions of up to several chunks) cross every
+    border. Its samples, size and sha256 are webdataset's and hashlib's, from a file and from a stream
+    with only read() and short reads (a remote shard); a shard cut short inside a member is handed
+    over; no thread outlives a walk."""
+    import hashlib
+    import tarfile
+    import threading
+
+    from data_prep import index
+
+    monkeypatch.setattr(index, "_CHUNK", chunk)
+    monkeypatch.setattr(index, "_SPARE", [])
+    rng = random.Random(chunk)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(30):
+            caption = ("word " * rng.choice([1, 10, 3000])).encode()
+            for name, data in [
+                (f"{i:04d}.jpg", rng.randbytes(rng.randint(0, 5000))),
+                (f"{i:04d}.txt", caption),
+                (f"{i:04d}.json", b'{"captions": ["a"]}'),
+            ]:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), (1733500000.25 if i % 2 else 0)
+                tar.addfile(info, io.BytesIO(data))
+    good = out.getvalue()
+
+    class Stream:  # core.remote's streams: read() only, and short reads
+        def __init__(self, data: bytes) -> None:
+            self.f = io.BytesIO(data)
+
+        def read(self, n: int = -1) -> bytes:
+            return self.f.read(min(n, 700) if n > 0 else n)
+
+    before = threading.active_count()
+    exact = index._walk_webdataset(io.BytesIO(good), "x.tar")
+    assert exact[1:] == (hashlib.sha256(good).hexdigest(), len(good))
+    for f in (io.BytesIO(good), Stream(good)):
+        plain = index._walk_plain(f)
+        assert [(k, m) for k, m in plain[0]] == [
+            (k, {x: v for x, v in m.items() if x in ("txt", "json")} | {"jpg": b""}) for k, m in exact[0]
+        ]
+        assert plain[1:] == exact[1:]
+    member = next(m for m in tarfile.open(fileobj=io.BytesIO(good)) if m.size > 100)
+    with pytest.raises(index._NotPlain, match="truncated"):
+        index._walk_plain(io.BytesIO(good[: member.offset_data + 50]))
+    assert threading.active_count() == before
+
+
 @pytest.mark.timeout(10)  # the walk read that record forever
 def test_a_pax_record_of_length_zero_is_handed_over_not_read_forever() -> None:
     """A PAX header whose record says it is 0 bytes long: tarfile calls it an invalid header; the
