@@ -123,7 +123,11 @@ def test_the_gpu_drill_reruns_named_steps_with_what_they_need() -> None:
 @pytest.mark.parametrize(
     ("module", "args", "needle"),
     [
-        ("bench.prep", ["--images", "60", "--repeat", "1", "--shard-size", "20", "--index-copies", "2"], "data_prep --workers 2"),
+        (
+            "bench.prep",
+            ["--images", "60", "--repeat", "1", "--shard-size", "20", "--index-copies", "2"],
+            "data_prep --workers 2",
+        ),
         ("bench.sample", ["--steps", "2", "--repeat", "1"], "sampler pipeline, batch 8"),
         ("bench.loader", ["--images", "16", "--repeat", "1"], "cores per GPU"),
         (
