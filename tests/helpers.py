@@ -30,9 +30,9 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def run(
-    args: list[str], timeout: float = 600, check: bool = True, **extra: str
+    args: list[str], timeout: float = 600, check: bool = True, cwd: Path = ROOT, **extra: str
 ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(args, capture_output=True, text=True, env=env(**extra), cwd=ROOT, timeout=timeout)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env(**extra), cwd=cwd, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
