@@ -132,6 +132,7 @@ class _Hasher:
 
     def __init__(self) -> None:
         self.sha = hashlib.sha256()
+        self.error: BaseException | None = None
         self.todo: queue.SimpleQueue[tuple[memoryview, threading.Event] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="index-sha256", daemon=True)
         self.thread.start()
@@ -139,9 +140,14 @@ class _Hasher:
     def _run(self) -> None:
         while (item := self.todo.get()) is not None:
             chunk, done = item
-            self.sha.update(chunk)
-            chunk.release()
-            done.set()
+            try:
+                if self.error is None:
+                    self.sha.update(chunk)
+            except BaseException as err:  # noqa: BLE001 - raised on the walk's thread, by close()
+                self.error = err
+            finally:  # every chunk's event is set, whatever happened: the walk never waits forever
+                chunk.release()
+                done.set()
 
     def add(self, chunk: memoryview, done: threading.Event) -> None:
         done.clear()
@@ -152,6 +158,8 @@ class _Hasher:
         if self.thread.is_alive():
             self.todo.put(None)
             self.thread.join()
+        if self.error is not None:
+            raise self.error
         return self.sha.hexdigest()
 
 

@@ -701,6 +701,37 @@ def test_the_header_walk_reads_across_chunk_borders_with_its_hashing_thread(
     assert threading.active_count() == before
 
 
+@pytest.mark.timeout(20)  # the walk waited forever for a chunk its hashing thread never finished
+def test_a_failure_on_the_hashing_thread_ends_the_walk_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tarfile
+    import threading
+
+    from data_prep import index
+
+    class Broken:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def update(self, data: object) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("the hash broke")
+
+    monkeypatch.setattr(index, "_CHUNK", 512)
+    monkeypatch.setattr(index, "_SPARE", [])
+    monkeypatch.setattr(index.hashlib, "sha256", Broken)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for i in range(20):
+            info = tarfile.TarInfo(f"{i:04d}.jpg")
+            info.size = 3000
+            tar.addfile(info, io.BytesIO(bytes(3000)))
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="the hash broke"):
+        index._walk_plain(io.BytesIO(out.getvalue()))
+    assert threading.active_count() == before
+
+
 @pytest.mark.timeout(10)  # the walk read that record forever
 def test_a_pax_record_of_length_zero_is_handed_over_not_read_forever() -> None:
     """A PAX header whose record says it is 0 bytes long: tarfile calls it an invalid header; the
