@@ -189,22 +189,29 @@ class _Window:
         while self.base + self.hi < at + n:
             end = self.base + self.hi
             keep = end - at if at < end else 0  # a header or member across the chunks' border (rare)
-            turn = (self.turn + 1) % _SLOTS
-            self.hashed[turn].wait()  # its last chunk hashed: free to overwrite
-            if keep + _CHUNK > len(self.slots[turn]):  # a member bigger than a chunk (a long caption file)
-                self.slots[turn] = bytearray(keep + _CHUNK)  # new, not resized: no view of it can be left
-                self.views[turn] = memoryview(self.slots[turn])
-            buf, view = self.slots[turn], self.views[turn]
-            if keep:
-                buf[:keep] = self.view[self.hi - keep : self.hi]
-            got = self._read(view[keep : keep + _CHUNK])
+            got = self._next(keep)
             if not got:
                 break
+            self.base, self.hi = (at if keep else end), keep + got
+        return at - self.base
+
+    def _next(self, keep: int) -> int:
+        """Read the next chunk into the other buffer, after the last `keep` bytes of this one, and hand
+        it to the hashing thread; that buffer is the window's from then on. The bytes read (0: the end)."""
+        turn = (self.turn + 1) % _SLOTS
+        self.hashed[turn].wait()  # its last chunk hashed: free to overwrite
+        if keep + _CHUNK > len(self.slots[turn]):  # a member bigger than a chunk (a long caption file)
+            self.slots[turn] = bytearray(keep + _CHUNK)  # new, not resized: no view of it can be left
+            self.views[turn] = memoryview(self.slots[turn])
+        buf, view = self.slots[turn], self.views[turn]
+        if keep:
+            buf[:keep] = self.view[self.hi - keep : self.hi]
+        got = self._read(view[keep : keep + _CHUNK])
+        if got:
             self.hasher.add(view[keep : keep + got], self.hashed[turn])
             self.size += got
             self.turn, self.buf, self.view = turn, buf, view
-            self.base, self.hi = (at if keep else end), keep + got
-        return at - self.base
+        return got
 
     def take(self, at: int, n: int) -> bytes:
         """Bytes [at, at + n) of the file (fewer at its end)."""
@@ -220,16 +227,8 @@ class _Window:
 
     def finish(self) -> tuple[str, int]:
         """Read (and hash) the rest: the end-of-archive padding."""
-        while True:
-            turn = (self.turn + 1) % _SLOTS
-            self.hashed[turn].wait()
-            view = self.views[turn]
-            got = self._read(view[:_CHUNK])
-            if not got:
-                break
-            self.hasher.add(view[:got], self.hashed[turn])
-            self.size += got
-            self.turn = turn
+        while got := self._next(0):
+            self.base, self.hi = self.base + self.hi, got
         return self.hasher.close(), self.size
 
     def close(self) -> None:
